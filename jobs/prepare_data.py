@@ -1,0 +1,44 @@
+"""Fetch or unpack a data set once, so that training jobs on compute nodes never download.
+
+    python -m jobs.prepare_data --dataset mnist --root /scratch/$USER/data            # login node
+    python -m jobs.prepare_data --dataset mnist --root /scratch/$USER/data --offline  # no internet
+"""
+import argparse
+import sys
+
+from ddpm.data import DATASETS, prepare_dataset
+from ddpm.errors import UserError
+
+EPILOG = """\
+without --offline: files that already load are only verified; missing ones are downloaded
+  (torchvision checks the official md5s) -- run this on a machine with internet, e.g. the login node.
+with --offline: nothing is downloaded; the official archives must already be in place:
+  mnist:   the four .gz files (train-images-idx3-ubyte.gz, ...) in ROOT/MNIST/raw/
+  cifar10: cifar-10-python.tar.gz in ROOT/, or its extracted folder ROOT/cifar-10-batches-py/
+Afterwards point training at the same root (data.root=ROOT). Exit status 2 on any problem."""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.splitlines()[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, metavar="NAME", help=f"one of: {', '.join(DATASETS)}")
+    parser.add_argument("--root", required=True, metavar="DIR", help="data root, the same as data.root in the config")
+    parser.add_argument("--offline", action="store_true",
+                        help="never download: only verify and unpack files already placed under --root")
+    args = parser.parse_args(argv)
+    try:
+        info = prepare_dataset(args.dataset, args.root, offline=args.offline)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c, h, w = info["shape"]
+    print(f"dataset: {info['dataset']}")
+    print(f"path:    {info['path']}")
+    print(f"train:   {info['train']} images ({c}x{h}x{w} uint8)")
+    print(f"test:    {info['test']} images")
+    print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
