@@ -46,3 +46,69 @@ def slurm():
     if r.returncode != 0 or not r.stdout.strip():
         _missing(f"SLURM not responding: {r.stderr.strip()}")
     return os.environ["SLURM_CONF"]
+
+
+TINY_MNIST = """\
+# A tiny CPU MNIST run for end-to-end tests: seconds per run.
+name: tiny
+data: {{dataset: mnist, root: "{root}"}}
+model: {{arch: cs180_class_unet, hidden: 8}}
+diffusion: {{objective: eps, schedule: linear, T: 50, beta_start: 1.0e-3, beta_end: 0.2, p_uncond: 0.1}}
+train: {{batch_size: 32, steps: 20, lr: 2.0e-3, ema_decay: 0.99, device: cpu, grad_clip: 1.0}}
+log: {{every: 1, progress: lines}}
+checkpoint: {{every: 5, keep_last: 2}}
+sample: {{sampler: ddim, steps: 5, guidance: [1.0, 3.0], per_class: 1}}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path, mnist_root):
+    """Path of a tiny CPU MNIST config (20 steps of a D=8 CS180 UNet, T=50) reading the real MNIST."""
+    path = tmp_path / "tiny_mnist.yaml"
+    path.write_text(TINY_MNIST.format(root=mnist_root))
+    return path
+
+
+def python_env(**extra):
+    """Environment for job subprocesses: the repo importable, unbuffered output, 1 thread per process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+# ----- CI guard: SLURM tests must really run ---------------------------------------------------------
+# .ci/run sets DDPM_REQUIRE_SLURM=1: then a skipped test marked `slurm`, or none passing at all (say, a
+# `-m "not slurm"` or a deleted file), fails the session, so a broken cluster can never turn green.
+REQUIRE_SLURM = os.environ.get("DDPM_REQUIRE_SLURM", "") == "1"
+_slurm_report = {"passed": 0, "skipped": []}
+
+
+def pytest_runtest_logreport(report):
+    if "slurm" not in report.keywords:
+        return
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _slurm_report["skipped"].append(f"{report.nodeid}: {reason}")
+    elif report.when == "call" and report.passed:
+        _slurm_report["passed"] += 1
+
+
+def _slurm_guard_problem():
+    if not REQUIRE_SLURM:
+        return None
+    if _slurm_report["skipped"]:
+        return "slurm tests were skipped, which DDPM_REQUIRE_SLURM=1 forbids:\n  " + "\n  ".join(_slurm_report["skipped"])
+    if not _slurm_report["passed"]:
+        return "DDPM_REQUIRE_SLURM=1 but no test marked slurm passed"
+    return None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _slurm_guard_problem() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    problem = _slurm_guard_problem()
+    if problem:
+        terminalreporter.write_line(f"error: {problem}", red=True, bold=True)

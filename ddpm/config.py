@@ -1,0 +1,321 @@
+"""One config object: YAML (``yaml.safe_load``) + ``key.sub=value`` overrides, validated once, frozen.
+
+Every error is a :class:`UserError` whose one-line message names the key and the fix. The resolved
+config is plain data (``to_dict``) and is written to ``RUN_DIR/config.json`` by the training job.
+"""
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ddpm.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"              # mnist | cifar10
+    root: str = "data"                  # torchvision root; MNIST lives in ROOT/MNIST/raw
+    download: bool = False              # only on a node with internet (login node); see jobs.prepare_data
+    hflip: bool = False                 # random horizontal flips (CIFAR-10)
+    normalize: list | None = None       # [mean, std]; None scales to [-1, 1]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    objective: str = "eps"              # eps | x0 | v | rectified_flow | denoiser | classifier
+    schedule: str = "linear"            # linear | cosine | quadratic
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    p_uncond: float = 0.1               # label dropout to the null class (classifier-free guidance)
+    sigma: float = 0.5                  # noise level of the one-step denoiser objective
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 128               # global batch: per-rank batch x world size
+    epochs: float | None = None         # give epochs or steps, not both
+    steps: int | None = None
+    optimizer: str = "adam"             # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"       # constant | exponential | multistep | cosine
+    lr_gamma: float = 0.1               # exponential: factor per epoch; multistep: factor per milestone
+    lr_milestones: list = field(default_factory=list)  # multistep milestones, in epochs
+    warmup_steps: int = 0               # linear warm-up before every schedule
+    grad_clip: float = 0.0              # max global grad norm; 0 disables
+    ema_decay: float = 0.999            # 0 disables EMA
+    precision: str = "fp32"             # fp32 | bf16 (autocast; CUDA only, fp32 on CPU)
+    compile: bool = False               # torch.compile the net (CUDA only)
+    channels_last: bool = False         # channels_last memory format (CUDA only)
+    device: str = "auto"                # auto | cpu | cuda
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 50                     # scalars every N optimizer steps
+    sample_every: int = 0               # sample grid every N steps; 0 = only at the end
+    tensorboard: bool = True
+    progress: str = "auto"              # auto (bar when interactive) | bar | lines | none
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500                    # also saved at the end and on a preemption signal
+    keep_last: int = 3
+    keep_every: int = 0                 # also keep checkpoints whose step is a multiple of this
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddpm"               # ddpm | ddim | euler | heun
+    steps: int = 0                      # DDIM / flow steps; 0 = T for ddpm, 50 for ddim, 100 for flows
+    guidance: list = field(default_factory=lambda: [1.0])  # scales for the sample grids
+    convention: str = "gamma"           # gamma | w  (see ddpm.sampling.to_gamma)
+    per_class: int = 4
+    ema: bool = True
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    run_root: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=lambda: {"arch": "cs180_class_unet"})
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short sha256 of the resolved config (archive attrs, metrics)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def net_kwargs(self) -> dict:
+        """Constructor kwargs for ``ddpm.nets.build_net(model.arch, **kwargs)``."""
+        return {k: v for k, v in self.model.items() if k != "arch"}
+
+
+CHOICES = {
+    "data.dataset": ("mnist", "cifar10"),
+    "diffusion.objective": ("eps", "x0", "v", "rectified_flow", "denoiser", "classifier"),
+    "diffusion.schedule": ("linear", "cosine", "quadratic"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.lr_schedule": ("constant", "exponential", "multistep", "cosine"),
+    "train.precision": ("fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "log.progress": ("auto", "bar", "lines", "none"),
+    "sample.sampler": ("ddpm", "ddim", "euler", "heun"),
+    "sample.convention": ("gamma", "w"),
+}
+# key -> (low, high, low inclusive); None means unbounded.
+RANGES = {
+    "diffusion.T": (2, None, True), "diffusion.beta_start": (0, 1, False), "diffusion.beta_end": (0, 1, False),
+    "diffusion.p_uncond": (0, 1, True), "diffusion.sigma": (0, None, False),
+    "train.batch_size": (1, None, True), "train.epochs": (0, None, False), "train.steps": (1, None, True),
+    "train.lr": (0, None, False), "train.weight_decay": (0, None, True), "train.lr_gamma": (0, None, False),
+    "train.warmup_steps": (0, None, True), "train.grad_clip": (0, None, True), "train.ema_decay": (0, 1, True),
+    "log.every": (1, None, True), "log.sample_every": (0, None, True), "checkpoint.every": (1, None, True),
+    "checkpoint.keep_last": (1, None, True), "checkpoint.keep_every": (0, None, True),
+    "sample.steps": (0, None, True), "sample.per_class": (1, None, True),
+}
+DATASET_SHAPES = {"mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+# Injected from data/diffusion; a config may not set them.
+DERIVED_NET_KEYS = ("in_channels", "image_size", "T")
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate; raise UserError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. --config configs/mnist.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"YAML syntax error in {path}{where}: {problem}; fix the file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of sections (data:, model:, train:, ...)")
+    parsed = [parse_override(item) for item in overrides]
+    for key, value in parsed:
+        # Overriding the run length in steps replaces a length in epochs from the file, and vice versa.
+        other = {"train.steps": "epochs", "train.epochs": "steps"}.get(key)
+        if other and f"train.{other}" not in dict(parsed) and isinstance(raw.get("train"), dict):
+            raw["train"].pop(other, None)
+        _set_path(raw, key, value)
+    return from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``train.lr=2e-4`` -> ("train.lr", "2e-4" parsed as YAML). Malformed -> UserError."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not value.strip() or any(not p.isidentifier() for p in key.split(".")):
+        raise UserError(f"malformed override '{item}'; write key.sub=value, e.g. train.lr=2e-4")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"override '{item}' has an unparsable value; quote strings, lists as [1, 2]") from None
+
+
+def _set_path(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def _closest(name, options) -> str:
+    m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{m[0]}'?)" if m else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(key: str, value, annotation: str):
+    """Check/convert one value against its annotation (as a string, e.g. 'float | None')."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} must not be empty (null)")
+    base = annotation.split("|")[0].strip()
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if base in ("int", "float"):
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{key} must be a number, got '{value}'") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
+        if base == "int":
+            if value != int(value):
+                raise UserError(f"{key} must be an integer, got {value}")
+            return int(value)
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return value
+    if base == "list":
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    return value
+
+
+def _section(cls, key: str, raw):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{key} must be a section (a mapping), got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in raw.items():
+        full = f"{key}.{name}"
+        if name not in fields:
+            raise UserError(f"unknown config key {full}{_closest(name, fields)}")
+        t = fields[name].type
+        value = _coerce(full, value, t.__name__ if isinstance(t, type) else str(t))
+        if full in CHOICES and value not in CHOICES[full]:
+            raise UserError(f"{full} must be one of {', '.join(CHOICES[full])}, got '{value}'")
+        if full in RANGES and value is not None:
+            lo, hi, lo_incl = RANGES[full]
+            if (lo is not None and (value < lo or (value == lo and not lo_incl))) or (hi is not None and value > hi):
+                span = f"{'[' if lo_incl else '('}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+                raise UserError(f"{full} must be in {span}, got {value}")
+        values[name] = value
+    return cls(**values)
+
+
+def from_dict(raw: dict) -> Config:
+    """Validate a nested dict (as read from YAML or config.json) into a frozen Config."""
+    top = {f.name: f for f in dataclasses.fields(Config)}
+    for name in raw:
+        if name not in top:
+            raise UserError(f"unknown config section or key '{name}'{_closest(name, top)}")
+    sections = {name: _section(top[name].default_factory().__class__, name, raw.get(name))
+                for name in ("data", "diffusion", "train", "log", "checkpoint", "sample")}
+    cfg = Config(name=_coerce("name", raw.get("name", "run"), "str"),
+                 run_root=_coerce("run_root", raw.get("run_root", "runs"), "str"),
+                 model=_model(raw.get("model"), sections["data"], sections["diffusion"]), **sections)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _model(raw, data: DataConfig, diff: DiffusionConfig) -> dict:
+    from ddpm.nets import net_kwargs  # imported lazily: torch is slow to import
+
+    if raw is None or "arch" not in raw:
+        raise UserError("model.arch is required, e.g. model.arch=cs180_class_unet")
+    raw = dict(raw)
+    arch = raw.pop("arch")
+    accepted = net_kwargs(arch)  # UserError listing the choices for an unknown arch
+    channels, size, classes = DATASET_SHAPES[data.dataset]
+    out = {"arch": arch}
+    derived = {"in_channels": channels, "image_size": size, "T": diff.T}
+    for name, value in raw.items():
+        if name in DERIVED_NET_KEYS:
+            if value == derived[name]:  # a resolved config (config.json) carries them
+                continue
+            raise UserError(f"model.{name}={value} conflicts with the value derived from data.dataset and "
+                            f"diffusion.T ({derived[name]}); remove model.{name} from the config")
+        if name not in accepted:
+            raise UserError(f"unknown config key model.{name} for {arch}{_closest(name, accepted)}")
+        out[name] = value
+    out.update({k: v for k, v in derived.items() if k in accepted})
+    if "num_classes" in accepted and "num_classes" not in raw:
+        out["num_classes"] = classes
+    import torch
+    from ddpm.nets import build_net
+    with torch.device("meta"):  # validates the kwargs' values without allocating weights
+        build_net(arch, **{k: v for k, v in out.items() if k != "arch"})
+    return out
+
+
+def _check_combinations(cfg: Config) -> None:
+    t, d, s = cfg.train, cfg.diffusion, cfg.sample
+    if (t.epochs is None) == (t.steps is None):
+        raise UserError("set exactly one of train.epochs and train.steps")
+    if d.beta_start >= d.beta_end and d.schedule != "cosine":
+        raise UserError(f"diffusion.beta_start ({d.beta_start}) must be below diffusion.beta_end ({d.beta_end})")
+    if cfg.data.normalize is not None and (len(cfg.data.normalize) != 2 or not cfg.data.normalize[1] > 0):
+        raise UserError("data.normalize must be [mean, std] with std > 0, or null for [-1, 1]")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise UserError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    if t.lr_schedule == "multistep" and not t.lr_milestones:
+        raise UserError("train.lr_schedule=multistep needs train.lr_milestones (epochs), e.g. [6, 8]")
+    conditional = bool(cfg.model.get("num_classes", 0)) and d.objective != "classifier"
+    if not conditional and s.guidance != [1.0] and s.guidance:
+        raise UserError(f"sample.guidance={s.guidance} needs a class-conditional model (model.num_classes > 0); "
+                        "set sample.guidance=[1.0]")
+    if s.steps > d.T and s.sampler in ("ddpm", "ddim"):
+        raise UserError(f"sample.steps={s.steps} exceeds diffusion.T={d.T}")
+    flows = d.objective == "rectified_flow"
+    if flows != (s.sampler in ("euler", "heun")) and d.objective not in ("denoiser", "classifier"):
+        want = "euler or heun" if flows else "ddpm or ddim"
+        raise UserError(f"sample.sampler={s.sampler} does not fit diffusion.objective={d.objective}; use {want}")
+    arch = cfg.model["arch"]
+    needs = {"denoiser": "cs180_denoiser", "classifier": "noisy_classifier"}.get(d.objective)
+    if needs and arch != needs:
+        raise UserError(f"diffusion.objective={d.objective} trains model.arch={needs}, got {arch}")
+    if not needs and arch in ("cs180_denoiser", "noisy_classifier"):
+        raise UserError(f"model.arch={arch} needs diffusion.objective="
+                        f"{'denoiser' if arch == 'cs180_denoiser' else 'classifier'}")

@@ -1,0 +1,298 @@
+"""The training loop: the only one. Reads top to bottom: setup, resume, step, log, checkpoint, sample.
+
+Everything that varies over a run is a pure function of (seed, step, rank): the batch
+(:class:`ddpm.data.StepBatcher`), the noise, timesteps and label-drop mask (drawn for the whole global
+batch from a generator seeded by (seed, step) and sliced per rank, so 1 process and N processes see the
+same draws), dropout (global RNG reseeded per step and rank), the learning rate and the EMA decay. A
+resumed run therefore repeats an uninterrupted one bit for bit (on CPU; CUDA kernels may not be
+deterministic).
+"""
+import copy
+import math
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ddpm import archive, diffusion
+from ddpm.checkpoint import CheckpointManager, clean_state_dict
+from ddpm.config import Config
+from ddpm.data import StepBatcher, load_dataset, to_unit
+from ddpm.dist import DistInfo, barrier, print0, reduce_mean
+from ddpm.errors import UserError
+from ddpm.generate import generate, schedule_for
+from ddpm.images import make_grid, to_uint8
+from ddpm.logging import RunLogger
+from ddpm.nets import build_net
+from ddpm.preempt import REQUEUE_EXIT_CODE, PreemptionHandler, should_stop
+from ddpm.progress import Progress
+
+_NOISE_STREAM, _DROPOUT_STREAM, _INIT_STREAM = 1, 2, 3
+
+
+def mix_seed(*ints: int) -> int:
+    """A 63-bit seed from a tuple of ints (splitmix-style), stable across processes and runs."""
+    h = 0x9E3779B97F4A7C15
+    for i in ints:
+        h = (h ^ (i + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    t = cfg.train
+    return t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int, total: int) -> float:
+    """Learning rate for the update that follows ``step`` completed steps."""
+    t = cfg.train
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    epoch = step // steps_per_epoch
+    if t.lr_schedule == "exponential":  # torch's ExponentialLR stepped once per epoch
+        factor = t.lr_gamma ** epoch
+    elif t.lr_schedule == "multistep":  # MultiStepLR with milestones in epochs
+        factor = t.lr_gamma ** sum(epoch >= m for m in t.lr_milestones)
+    elif t.lr_schedule == "cosine":
+        done = min(1.0, max(0, step - t.warmup_steps) / max(1, total - t.warmup_steps))
+        factor = 0.5 * (1 + math.cos(math.pi * done))
+    else:
+        factor = 1.0
+    return t.lr * warm * factor
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay with the usual warm-up: early weights are forgotten quickly."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+class Trainer:
+    """One run: ``Trainer(cfg, run_dir, info, resume).run()`` returns 0 when done, 75 on preemption."""
+
+    def __init__(self, cfg: Config, run_dir, info: DistInfo, images=None, labels=None):
+        self.cfg, self.run_dir, self.info, self.dev = cfg, run_dir, info, info.device
+        if images is None:
+            images, labels = load_dataset(cfg.data.dataset, cfg.data.root, True, cfg.data.download)
+        norm = tuple(cfg.data.normalize) if cfg.data.normalize else None
+        self.batcher = StepBatcher(images, labels, cfg.train.batch_size, info.world_size, info.rank, cfg.train.seed,
+                                   cfg.data.hflip, norm, self.dev)
+        self.total = total_steps(cfg, self.batcher.steps_per_epoch)
+        self.sched = schedule_for(cfg).to(self.dev, torch.float32)
+        torch.manual_seed(mix_seed(cfg.train.seed, _INIT_STREAM))  # same initial weights on every rank and run
+        self.net = build_net(cfg.model["arch"], **cfg.net_kwargs()).to(self.dev)
+        self.num_classes = getattr(self.net, "num_classes", 0)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
+        cuda = self.dev.type == "cuda"
+        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                           weight_decay=cfg.train.weight_decay, fused=cuda or None)
+        self.ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        self.step = 0
+        self.resumed = False
+        self.gen = torch.Generator(device=self.dev)
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.precision == "bf16")
+
+    # ----- state -------------------------------------------------------------------------------------
+    def load_checkpoint(self) -> None:
+        """Every rank loads the newest verified checkpoint itself (to CPU first).
+
+        A run dir without a checkpoint restarts at step 0 but still counts as resumed, so the logs of
+        the steps done before the crash are trimmed instead of duplicated.
+        """
+        self.resumed = True
+        loaded = self.ckpt.load_latest()
+        if loaded is None:
+            return
+        step, state = loaded
+        try:
+            self.net.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:160]
+            raise UserError(f"checkpoint step {step} in {self.ckpt.directory} does not fit model.arch="
+                            f"{self.cfg.model['arch']} ({first}); use a new --run-dir") from None
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = step
+
+    def state(self) -> dict:
+        return {"model": clean_state_dict(self.net.state_dict()),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.opt.state_dict(), "step": self.step, "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        if self.info.is_main:
+            self.ckpt.save(self.step, self.state())
+        barrier()
+
+    # ----- one optimizer step ------------------------------------------------------------------------
+    def draws(self, step: int, shape):
+        """Noise, timesteps and label-drop mask for this rank: drawn for the global batch, then sliced."""
+        B, b, r = self.cfg.train.batch_size, shape[0], self.info.rank
+        g = self.gen.manual_seed(mix_seed(self.cfg.train.seed, _NOISE_STREAM, step))
+        noise = torch.randn((B, *shape[1:]), generator=g, device=self.dev)[r * b:(r + 1) * b]
+        if self.cfg.diffusion.objective == "rectified_flow":
+            t = torch.rand(B, generator=g, device=self.dev)
+        else:
+            t = torch.randint(0, self.cfg.diffusion.T, (B,), generator=g, device=self.dev)
+        drop = torch.rand(B, generator=g, device=self.dev) < self.cfg.diffusion.p_uncond
+        return noise, t[r * b:(r + 1) * b], drop[r * b:(r + 1) * b]
+
+    def loss(self, model, x, y, noise, t, drop) -> torch.Tensor:
+        d = self.cfg.diffusion
+        yy = diffusion.drop_labels(y, drop, self.num_classes) if self.num_classes else None
+        if d.objective in diffusion.PREDICTIONS:
+            return diffusion.diffusion_loss(model, self.sched, x, t, noise, yy, d.objective)
+        if d.objective == "rectified_flow":
+            return diffusion.rectified_flow_loss(model, x, t, noise, yy)
+        if d.objective == "denoiser":
+            return diffusion.denoiser_loss(model, x, noise, d.sigma)
+        return diffusion.classifier_loss(model, self.sched, x, t, noise, y)
+
+    # ----- the run -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, info = self.cfg, self.info
+        model = self.net
+        if cfg.train.channels_last and self.dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        if info.world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        if cfg.train.compile and self.dev.type == "cuda":
+            model = torch.compile(model)
+        logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
+                           tensorboard=cfg.log.tensorboard)
+        progress = Progress(self.total, self.step, cfg.log.progress, info.is_main)
+        print0(f"{'resuming at step ' + str(self.step) if self.resumed else 'starting'}: {self.total} steps, "
+               f"global batch {cfg.train.batch_size} on {info.world_size} x {self.dev}, run dir {self.run_dir}")
+        T, check_every = cfg.diffusion.T, (1 if info.world_size == 1 else 10)
+        stats = torch.zeros(10, device=self.dev, dtype=torch.float64)  # loss sum, n, 4 bucket sums, 4 counts
+        bad = torch.zeros((), device=self.dev, dtype=torch.bool)
+        grad_norm = torch.zeros((), device=self.dev)
+        t_last, step_last = time.perf_counter(), self.step
+        with PreemptionHandler() as preempt:
+            while self.step < self.total:
+                step = self.step
+                torch.manual_seed(mix_seed(cfg.train.seed, _DROPOUT_STREAM, step, info.rank))
+                x, y = self.batcher.batch(step)
+                noise, t, drop = self.draws(step, x.shape)
+                if cfg.train.channels_last and self.dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self.autocast:
+                    per_sample = self.loss(model, x, y, noise, t, drop)
+                loss = per_sample.mean()
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                log_now = (step + 1) % cfg.log.every == 0 or step + 1 == self.total
+                params = [p for p in self.net.parameters() if p.grad is not None]
+                if cfg.train.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                elif log_now:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                lr = lr_at(cfg, step, self.batcher.steps_per_epoch, self.total)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.step()
+                self.update_ema(step)
+                with torch.no_grad():
+                    ls = per_sample.detach().double()
+                    bad |= ~torch.isfinite(ls).all()
+                    q = (t * 4).long().clamp(max=3) if t.is_floating_point() else (t * 4 // T).clamp(max=3)
+                    stats[0] += ls.sum()
+                    stats[1] += ls.numel()
+                    stats[2:6].index_add_(0, q, ls)
+                    stats[6:10].index_add_(0, q, torch.ones_like(ls))
+                self.step += 1
+                stop = should_stop(preempt.requested, self.dev) if self.step % check_every == 0 else False
+                if log_now or stop:
+                    self.check_finite(bad)
+                    now = time.perf_counter()
+                    ips = (self.step - step_last) * cfg.train.batch_size / max(now - t_last, 1e-9)
+                    scalars = self.reduce_stats(stats, lr, grad_norm, ips)
+                    logger.log_scalars(self.step, scalars, epoch=self.batcher.epoch_of(self.step))
+                    progress.update(self.step, scalars["loss"], ips)
+                    stats.zero_()
+                    t_last, step_last = now, self.step
+                if stop:
+                    self.save()
+                    progress.close()
+                    print0(f"preemption signal ({preempt.signal_name or 'peer rank'}) at step {self.step}: "
+                           f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
+                    logger.close()
+                    return REQUEUE_EXIT_CODE
+                if self.step % cfg.checkpoint.every == 0 or self.step == self.total:
+                    self.check_finite(bad)
+                    self.save()
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != self.total:
+                    self.write_samples(logger)
+        progress.close()
+        self.write_samples(logger)
+        logger.close()
+        print0(f"done: {self.total} steps, run dir {self.run_dir}")
+        return 0
+
+    def update_ema(self, step: int) -> None:
+        if self.ema is None:
+            return
+        decay = ema_decay_at(self.cfg.train.ema_decay, step)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - decay)
+            for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
+                b_ema.copy_(b)
+
+    def check_finite(self, bad: torch.Tensor) -> None:
+        if bool(reduce_mean(bad.double(), self.dev) > 0):
+            steps = self.ckpt.steps()
+            last = f"the last good checkpoint (step {steps[-1]}) is intact" if steps else "no checkpoint was written"
+            raise TrainingDiverged(f"the loss became NaN/Inf at or before step {self.step}; {last}; "
+                                   "lower train.lr or set train.grad_clip")
+
+    def reduce_stats(self, stats, lr, grad_norm, ips) -> dict:
+        s = reduce_mean(stats, self.dev).tolist()
+        out = {"loss": s[0] / max(s[1], 1), "lr": lr, "grad_norm": float(grad_norm), "images_per_s": ips}
+        if self.cfg.diffusion.objective != "denoiser":
+            out.update({f"loss/q{i}": s[2 + i] / s[6 + i] for i in range(4) if s[6 + i] > 0})
+        if self.dev.type == "cuda":
+            out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
+        return out
+
+    # ----- sample grids (rank 0) ---------------------------------------------------------------------
+    def write_samples(self, logger: RunLogger) -> None:
+        cfg, s = self.cfg, self.cfg.sample
+        if not self.info.is_main or cfg.diffusion.objective == "classifier":
+            barrier()
+            return
+        net = self.ema if (s.ema and self.ema is not None) else self.net
+        was_training = net.training
+        net.eval()
+        norm = tuple(cfg.data.normalize) if cfg.data.normalize else None
+        n_cls = self.num_classes or 10
+        labels = torch.arange(n_cls).repeat_interleave(s.per_class)
+        base = dict(step=self.step, seed=s.seed, ema=net is self.ema, config_hash=cfg.hash())
+        events = []
+        if cfg.diffusion.objective == "denoiser":
+            x0, y0 = self.batcher.batch(0)
+            x0, labels = x0[: len(labels)], y0[: len(labels)].cpu()
+            g = torch.Generator(self.dev).manual_seed(s.seed)
+            noisy = x0 + cfg.diffusion.sigma * torch.randn(x0.shape, generator=g, device=self.dev)
+            with torch.no_grad():
+                out = net(noisy)
+            events.append((f"denoise_sigma{cfg.diffusion.sigma:g}", out, dict(sampler="one_step_denoiser",
+                                                                                sigma=cfg.diffusion.sigma)))
+        else:
+            for scale in s.guidance:
+                cond = bool(self.num_classes)
+                x = generate(net, cfg, labels if cond else None, n=len(labels), seed=s.seed, guidance=scale,
+                             convention=s.convention, device=self.dev)
+                name = f"{s.convention}_{scale:g}" if cond else "uncond"
+                events.append((name, x, dict(sampler=s.sampler, steps=s.steps, guidance_scale=float(scale) if cond else None,
+                                             guidance_convention=s.convention if cond else None)))
+        for name, x, attrs in events:
+            images = to_uint8(to_unit(x.float(), norm) * 2 - 1)
+            archive.write_samples(self.run_dir / "samples.h5", f"train/step_{self.step:09d}/{name}", images,
+                                  labels.numpy(), {**base, **attrs})
+            logger.log_image(self.step, f"samples/{name}", make_grid(images, nrow=s.per_class))
+        net.train(was_training)
+        barrier()
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN/Inf; the message says which checkpoint is intact."""

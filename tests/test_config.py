@@ -1,0 +1,117 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ddpm.config import Config, from_dict, load_config, parse_override
+from ddpm.errors import UserError
+from ddpm.rundir import config_differences, default_run_dir, prepare_run_dir, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_every_shipped_config_validates():
+    names = {p.name for p in ALL_CONFIGS}
+    assert {"mnist.yaml", "cifar10.yaml", "cs180_mnist.yaml", "cs180_denoiser.yaml", "conditional_ddpm.yaml",
+            "bonn_mnist.yaml", "bonn_cifar10.yaml", "rectified_flow_mnist.yaml",
+            "noisy_classifier_mnist.yaml"} <= names
+    for p in ALL_CONFIGS:
+        cfg = load_config(p)
+        assert isinstance(cfg, Config)
+        assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # config.json round trip
+
+
+def test_recipe_values():
+    cs180 = load_config(ROOT / "configs/recipes/cs180_mnist.yaml")
+    assert cs180.model == {"arch": "cs180_class_unet", "hidden": 64, "in_channels": 1, "image_size": 28, "T": 300,
+                           "num_classes": 10}
+    assert (cs180.train.batch_size, cs180.train.epochs, cs180.train.lr) == (128, 20, 1e-3)
+    assert cs180.train.lr_gamma ** 20 == pytest.approx(0.1)
+    assert cs180.diffusion.p_uncond == 0.1
+    cd = load_config(ROOT / "configs/recipes/conditional_ddpm.yaml")
+    assert (cd.diffusion.T, cd.diffusion.beta_start, cd.diffusion.beta_end) == (400, 1e-4, 0.02)
+    assert cd.data.normalize == [0.1307, 0.3081] and cd.sample.convention == "w"
+    assert load_config(ROOT / "configs/recipes/cs180_denoiser.yaml").diffusion.sigma == 0.5
+    c10 = load_config(ROOT / "configs/cifar10.yaml")
+    assert c10.model["attn_resolutions"] == [16] and c10.model["ch_mult"] == [1, 2, 2, 2]
+
+
+def test_overrides_parse_types_and_replace_run_length():
+    cfg = load_config(ROOT / "configs/mnist.yaml", ["train.lr=2e-4", "train.steps=10", "sample.guidance=[0, 3]",
+                                                    "data.hflip=true", "model.hidden=32"])
+    assert cfg.train.lr == 2e-4 and cfg.train.steps == 10 and cfg.train.epochs is None
+    assert cfg.sample.guidance == [0, 3] and cfg.data.hflip is True and cfg.model["hidden"] == 32
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr=", "malformed override"),
+    ("=3", "malformed override"),
+    ("train.lr", "malformed override"),
+    ("train.lrr=1", r"unknown config key train.lrr \(did you mean 'lr'\?\)"),
+    ("trian.lr=1", r"did you mean 'train'"),
+    ("model.hiden=8", r"model.hiden .*did you mean 'hidden'"),
+    ("train.batch_size=abc", "train.batch_size must be a number"),
+    ("train.batch_size=2.5", "must be an integer"),
+    ("train.compile=yes please", "true or false"),
+    ("train.lr=-1", r"train.lr must be in \(0, inf\)"),
+    ("diffusion.p_uncond=1.5", r"diffusion.p_uncond must be in \[0, 1\]"),
+    ("diffusion.objective=score", "must be one of eps, x0"),
+    ("model.arch=unet9", "choose one of"),
+    ("model.T=5", "conflicts with the value derived"),
+    ("sample.steps=301", "exceeds diffusion.T=300"),
+    ("sample.sampler=euler", "does not fit diffusion.objective=eps"),
+    ("train.epochs=3", None),  # fine: replaces nothing wrong
+])
+def test_bad_values_are_one_line_errors(override, match):
+    if match is None:
+        assert load_config(ROOT / "configs/mnist.yaml", [override]).train.epochs == 3
+        return
+    with pytest.raises(UserError, match=match) as e:
+        load_config(ROOT / "configs/mnist.yaml", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_guidance_needs_a_conditional_model():
+    with pytest.raises(UserError, match="needs a class-conditional model"):
+        load_config(ROOT / "configs/recipes/bonn_mnist.yaml", ["model.num_classes=0"])
+    cfg = load_config(ROOT / "configs/recipes/bonn_mnist.yaml", ["model.num_classes=0", "sample.guidance=[1.0]"])
+    assert cfg.model["num_classes"] == 0
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  lr: [1, 2\n  batch_size: 3\n")
+    with pytest.raises(UserError, match=r"YAML syntax error in .*bad.yaml at line \d+"):
+        load_config(bad)
+    both = tmp_path / "both.yaml"
+    both.write_text("model: {arch: cs180_class_unet}\ntrain: {epochs: 1, steps: 3}\n")
+    with pytest.raises(UserError, match="exactly one of train.epochs and train.steps"):
+        load_config(both)
+
+
+def test_run_dir_naming_and_resume_rules(tmp_path):
+    cfg = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}"])
+    first = default_run_dir(cfg)
+    assert first.name == "00000-mnist-cond-cfg-b512"
+    (tmp_path / "00007-other-b4").mkdir()
+    assert default_run_dir(cfg).name == "00008-mnist-cond-cfg-b512"
+    run = tmp_path / "run"
+    assert prepare_run_dir(cfg, run) == (run, False)
+    write_config(run, cfg)
+    assert prepare_run_dir(cfg, run) == (run, True)
+    longer = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.epochs=40", "log.every=7"])
+    assert prepare_run_dir(longer, run) == (run, True)   # extending a run or changing logging resumes
+    other = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.lr=5e-4"])
+    with pytest.raises(UserError, match=r"different config \(differs in train.lr\).*--force"):
+        prepare_run_dir(other, run)
+    assert prepare_run_dir(other, run, force=True) == (run, True)
+    assert config_differences(cfg.to_dict(), other.to_dict()) == ["train.lr"]
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "file").write_text("x")
+    with pytest.raises(UserError, match="not a run directory"):
+        prepare_run_dir(cfg, junk)
