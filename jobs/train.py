@@ -1,16 +1,21 @@
 """Train a diffusion model: ``python -m jobs.train --config configs/mnist.yaml [key.sub=value ...]``.
 
+Without --config it runs the embedded quick-start: a short class-conditional MNIST run on the CPU.
+
 Giving an existing run directory resumes it (this is how a requeued SLURM job continues). Exit codes:
 0 done, 2 bad input (nothing written), 75 preempted after saving a checkpoint (requeue me), 1 failure.
 """
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ddpm.config import load_config
 from ddpm.errors import UserError
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "ddpm" / "quickstart.yaml"
 EXAMPLES = """examples:
+  python -m jobs.train
   python -m jobs.train --config configs/mnist.yaml
   python -m jobs.train --config configs/mnist.yaml train.lr=2e-4 train.epochs=5 --run-dir runs/my-run
   python -m jobs.train --config configs/cifar10.yaml --dry-run
@@ -20,7 +25,8 @@ EXAMPLES = """examples:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/mnist.yaml")
+    p.add_argument("--config", default=str(QUICKSTART),
+                   help="YAML config, e.g. configs/mnist.yaml (default: the embedded quick-start, a short MNIST run)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=2e-4")
     p.add_argument("--run-dir", help="run directory; an existing one is resumed (default: a new "
                                      "RUN_ROOT/NNNNN-<name>-b<batch>)")
@@ -69,7 +75,6 @@ def _agree_on_run_dir(run_dir, info):
     import torch.distributed as dist
     box = [str(run_dir)]
     dist.broadcast_object_list(box, src=0)
-    from pathlib import Path
     return Path(box[0])
 
 
