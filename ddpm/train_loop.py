@@ -201,7 +201,9 @@ class Trainer:
                     stats[2:6].index_add_(0, q, ls)
                     stats[6:10].index_add_(0, q, torch.ones_like(ls))
                 self.step += 1
-                stop = should_stop(preempt.requested, self.dev) if self.step % check_every == 0 else False
+                # A signal during the last step needs no requeue: the run finishes and saves anyway.
+                stop = (self.step % check_every == 0 and self.step < self.total
+                        and should_stop(preempt.requested, self.dev))
                 if log_now or stop:
                     self.check_finite(bad)
                     now = time.perf_counter()
