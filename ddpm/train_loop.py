@@ -154,8 +154,13 @@ class Trainer:
         model = self.net
         if cfg.train.channels_last and self.dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        if self.dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed for the whole run
         if info.world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+            # Every parameter gets a gradient every step: a static graph lets DDP skip the unused-parameter
+            # search, and bucket views avoid a gradient copy.
+            model = DistributedDataParallel(model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+                                            gradient_as_bucket_view=True, static_graph=True)
         if cfg.train.compile and self.dev.type == "cuda":
             model = torch.compile(model)
         logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
@@ -237,8 +242,9 @@ class Trainer:
         decay = ema_decay_at(self.cfg.train.ema_decay, step)
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - decay)
-            for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
-                b_ema.copy_(b)
+            buffers = list(self.ema.buffers())
+            if buffers:
+                torch._foreach_copy_(buffers, list(self.net.buffers()))
 
     def check_finite(self, bad: torch.Tensor) -> None:
         if bool(reduce_mean(bad.double(), self.dev) > 0):
