@@ -1,0 +1,171 @@
+"""Sampling speed in one table: the course recipe's loop and diffusers' DDIM against ddpm.sampling.
+
+    python -m bench.sampling [--device cuda|cpu] [--quick] [--which mnist,cifar] [--repeats N]
+                             [--peak-tflops BF16,FP32]
+
+MNIST: 100 images (10 per class), DDPM T=300, classifier-free guidance gamma = 5, CS180 class UNet D=64.
+Baseline: the course loop (bench/course_recipe.py: a conditional and an unconditional forward per step,
+fp32). Ours: ``ddpm.sampling.sample_ddpm`` with ``classifier_free_guidance`` (cond + uncond in one
+batched forward, schedule scalars from the host, no per-step syncs), then on CUDA wrapped by
+``ddpm.fast_sampling.compile_for_sampling``: bf16 autocast + torch.compile, and + CUDA graphs.
+CIFAR: 64 images, DDIM 50 steps, eta 0, CFG w = 2, the DDPM-CIFAR10-size net. Baseline: diffusers'
+``DDIMScheduler`` + ``UNet2DModel`` (when ``import diffusers`` works). Ours: ``sample_ddim`` with
+``cifar_unet``, the same variants as MNIST.
+
+The nets have random weights: speed does not depend on them. Each row: one untimed first call (for
+compiled rows, its time is reported: compilation + CUDA-graph capture), then the median of --repeats
+timed calls, each bracketed by device synchronisation.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: python bench/sampling.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import common, course_recipe, diffusers_baseline
+from bench.common import Row
+from ddpm.fast_sampling import compile_for_sampling
+from ddpm.nets import build_net
+from ddpm.sampling import classifier_free_guidance, sample_ddim, sample_ddpm
+from ddpm.schedule import NoiseSchedule
+
+
+def sizes(quick: bool) -> dict:
+    if quick:  # smoke sizes for a 2-core CPU
+        return dict(hidden=16, mnist_n=10, T=20, cifar_base=32, cifar_n=4, ddim_steps=5, repeats=1)
+    return dict(hidden=64, mnist_n=100, T=300, cifar_base=128, cifar_n=64, ddim_steps=50, repeats=5)
+
+
+# Our variants: (row name, compile_for_sampling options or None for the plain eager path); CUDA adds the last two.
+OURS = [("ours: ddpm.sampling, batched CFG", None)]
+OURS_CUDA = [("ours: + bf16 + compile", dict(bf16=True, compile=True, cuda_graphs=False)),
+             ("ours: + CUDA graphs", dict(bf16=True, compile=True, cuda_graphs=True))]
+
+
+def variants(device):
+    return OURS + (OURS_CUDA if device.type == "cuda" else [])
+
+
+def fill(row: Row, run, device, n: int, repeats: int, fwd_flops: float, precision: str, peaks, compiled: bool):
+    """Time run() (first call apart), and fill the row's seconds, images/s, memory and MFU."""
+    common.reset_peak_memory(device)
+    first = common.timed(run, device)
+    row.seconds = common.median_time(run, device, repeats)
+    row.images_per_s = n / row.seconds
+    row.memory = common.peak_memory(device)
+    row.mfu = common.mfu(fwd_flops * n / row.seconds, precision, peaks)
+    row.note = (f"first call {first:.1f} s (compile + capture)" if compiled else "") + row.note
+
+
+def label_of(opts, device) -> tuple[str, str]:
+    if opts is None:
+        return "fp32", "fp32 eager"
+    parts = ["bf16"] + (["compile"] if opts["compile"] else []) + (["CUDA graphs"] if opts["cuda_graphs"] else [])
+    return "bf16", "+".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- MNIST
+def mnist_rows(args, sz, peaks, rows) -> None:
+    dev, D, n, T, gamma = args.device, sz["hidden"], sz["mnist_n"], sz["T"], 5.0
+    section = f"MNIST sample {n} img DDPM T={T} CFG"
+    labels = torch.arange(10).repeat_interleave(max(1, n // 10))[:n]
+    torch.manual_seed(0)
+    net = build_net("cs180_class_unet", hidden=D, T=T).to(dev).eval()
+    per_eval = common.flops_per_image(lambda: build_net("cs180_class_unet", hidden=D, T=T), (1, 28, 28),
+                                      backward=False)
+    flops = per_eval * 2 * T  # cond + uncond at every step, per image
+    gen = torch.Generator(device=dev)
+
+    def course(row):
+        run = lambda: course_recipe.course_sample_cfg(net, labels, T, gamma, dev, gen.manual_seed(0))  # noqa: E731
+        fill(row, run, dev, n, sz["repeats"], flops, "fp32", peaks, compiled=False)
+
+    common.run_row(rows, Row(section, "baseline: course loop", f"D={D} fp32, 2 forwards/step", baseline=True), course)
+
+    sched = NoiseSchedule.make("linear", T, 1e-4, 0.02)
+    y = labels.to(dev)
+    for name, opts in variants(dev):
+        precision, label = label_of(opts, dev)
+
+        def ours(row, opts=opts, precision=precision):
+            if opts:
+                torch._dynamo.reset()
+            model = classifier_free_guidance(net, gamma, "gamma")
+            model = compile_for_sampling(model, dev, **opts) if opts else model
+            run = lambda: sample_ddpm(model, sched, (n, 1, 28, 28), y, generator=gen.manual_seed(0))  # noqa: E731
+            fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
+
+        common.run_row(rows, Row(section, name, f"D={D} {label}, 1 batched forward/step"), ours)
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+def cifar_rows(args, sz, peaks, rows) -> None:
+    dev, base, n, steps, w = args.device, sz["cifar_base"], sz["cifar_n"], sz["ddim_steps"], 2.0
+    section = f"CIFAR sample {n} img DDIM-{steps} CFG"
+    labels = torch.arange(n) % 10
+    gen = torch.Generator(device=dev)
+    version, why = common.diffusers_status()
+
+    if version is None:
+        rows.append(Row(section, "baseline: diffusers DDIM", f"base={base}", note=f"skipped: {why}"))
+    for bf16 in ((False, True) if version else ()):
+        if bf16 and dev.type != "cuda":
+            rows.append(Row(section, "diffusers DDIM", f"base={base} bf16 autocast",
+                            note="skipped: bf16 autocast is benchmarked on CUDA only"))
+            continue
+
+        def diffusers_row(row, bf16=bf16):
+            torch.manual_seed(0)
+            net = diffusers_baseline.ddpm_cifar10_unet(base).to(dev).eval()
+            per_eval = common.flops_per_image(lambda: diffusers_baseline.ddpm_cifar10_unet(base), (3, 32, 32),
+                                              diffusers_baseline.forward, backward=False)
+            run = lambda: diffusers_baseline.sample_ddim_cfg(net, labels, steps, w, dev,  # noqa: E731
+                                                             gen.manual_seed(0), bf16=bf16)
+            fill(row, run, dev, n, sz["repeats"], per_eval * 2 * steps, "bf16" if bf16 else "fp32", peaks, False)
+            row.note = f"diffusers {version}"
+
+        name = "diffusers DDIM" if bf16 else "baseline: diffusers DDIM"
+        common.run_row(rows, Row(section, name, f"base={base} {'bf16 autocast' if bf16 else 'fp32'}, batched CFG",
+                                 baseline=not bf16), diffusers_row)
+
+    torch.manual_seed(0)
+    net = build_net("cifar_unet", base=base).to(dev).eval()
+    flops = common.flops_per_image(lambda: build_net("cifar_unet", base=base), (3, 32, 32), backward=False) * 2 * steps
+    sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
+    y = labels.to(dev)
+    for name, opts in variants(dev):
+        precision, label = label_of(opts, dev)
+
+        def ours(row, opts=opts, precision=precision):
+            if opts:
+                torch._dynamo.reset()
+            model = classifier_free_guidance(net, w, "w")
+            model = compile_for_sampling(model, dev, **opts) if opts else model
+            run = lambda: sample_ddim(model, sched, (n, 3, 32, 32), y, steps=steps,  # noqa: E731
+                                      generator=gen.manual_seed(0))
+            fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
+
+        common.run_row(rows, Row(section, name, f"base={base} {label}, batched CFG"), ours)
+
+
+def main() -> int:
+    args = common.parse_args("Sampling speed: course loop / diffusers DDIM vs ddpm.sampling.")
+    sz = sizes(args.quick)
+    if args.repeats:
+        sz["repeats"] = args.repeats
+    peaks = common.peak_tflops(args.device, args.peak_tflops)
+    common.header("ddpm-hpc sampling speed", args, peaks)
+    rows: list[Row] = []
+    if "mnist" in args.which:
+        mnist_rows(args, sz, peaks, rows)
+    if "cifar" in args.which:
+        cifar_rows(args, sz, peaks, rows)
+    print()
+    common.print_table(rows, sampling=True)
+    return 1 if any(r.failed for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
