@@ -86,7 +86,7 @@ _slurm_report = {"passed": 0, "skipped": []}
 def pytest_runtest_logreport(report):
     if "slurm" not in report.keywords:
         return
-    if report.skipped:
+    if report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _slurm_report["skipped"].append(f"{report.nodeid}: {reason}")
     elif report.when == "call" and report.passed:

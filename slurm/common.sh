@@ -1,0 +1,123 @@
+# shellcheck shell=bash
+# Shared body of the sbatch templates (sourced by slurm/{mnist,cifar10,sweep,evaluate}.sh; never submitted).
+#
+# The contract with jobs.train: exit 0 done, 2 bad input, 75 "got SIGUSR2/SIGTERM, saved a checkpoint,
+# requeue me", anything else a failure. Here that becomes:
+#   * the batch shell traps USR2 (what `#SBATCH --signal=B:USR2@120` sends it, only it) and TERM
+#     (scancel, `scontrol requeue`, preemption, the time limit) and forwards them to srun, which
+#     passes them on to every task on every node;
+#   * exit 75 -> `scontrol requeue $SLURM_JOB_ID`: the rerun gets the same job id, hence the same run
+#     dir, and resumes it. After a SIGTERM the shell never requeues: SLURM already decided (requeue,
+#     preemption -> back in the queue; scancel -> cancelled; time limit -> TIMEOUT);
+#   * exit 2 is never requeued, and bad overrides are caught before srun by a --dry-run in the batch
+#     shell, so the one-line `error: ...` is the first line of the log.
+
+export PYTHONPATH="$DDPM_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, installed or not
+export PYTHONUNBUFFERED=1                                   # log lines appear as they happen
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+# Some SLURM releases do not pass sbatch's --cpus-per-task on to srun; this makes every release do so.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"; fi
+PYTHON="${DDPM_PYTHON:-python}"
+REQUEUE_EXIT_CODE=75
+
+ddpm_log() { echo "[ddpm $(date +%T)] $*" >&2; }
+
+# ddpm_rendezvous: MASTER_ADDR = first host of the allocation (task 0 runs there), by the address SLURM
+# itself reaches it at (its NodeAddr; that is the host name unless the cluster set one), MASTER_PORT =
+# f(job id, restart count) with the formula of ddpm.dist.master_port, so every requeue gets a fresh
+# port. Always derived here: a MASTER_PORT inherited from the submitting shell would be reused by every
+# restart.
+ddpm_rendezvous() {
+  local hosts first addr
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  first=${hosts%%$'\n'*}
+  addr=$(scontrol -o show node "$first" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+  export MASTER_ADDR="${addr:-$first}"
+  export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 2654435761 + ${SLURM_RESTART_COUNT:-0}) % 40000 ))
+}
+
+# ddpm_resolve_config PATH: a config path as given (relative to the job's working directory), else
+# relative to the checkout, so both `DDPM_CONFIG=my.yaml` and `DDPM_CONFIG=configs/recipes/x.yaml` work.
+ddpm_resolve_config() {
+  if [ -f "$1" ] || [ ! -f "$DDPM_ROOT/$1" ]; then echo "$1"; else echo "$DDPM_ROOT/$1"; fi
+}
+
+_ddpm_on_signal() {  # $1: USR2 or TERM. Only remember and forward; the training decides when to stop.
+  if [ "$1" = USR2 ]; then _ddpm_usr2=1; else _ddpm_term=1; fi
+  ddpm_log "batch shell got SIG$1${_ddpm_pid:+, forwarding it to the training step (srun pid $_ddpm_pid)}"
+  if [ -z "$_ddpm_pid" ]; then return 0; fi
+  kill -s "$1" "$_ddpm_pid" 2>/dev/null || true
+  # srun drops a signal that comes while it is still launching the tasks: repeat USR2 every 10 s until
+  # the step has ended (the training only sets its flag again).
+  if [ "$1" = USR2 ]; then (while sleep 10 && kill -s USR2 "$_ddpm_pid" 2>/dev/null; do :; done) & fi
+}
+
+# ddpm_trap_signals: from now on the batch shell remembers USR2/TERM (and forwards them once a step
+# runs) instead of dying of them.
+ddpm_trap_signals() {
+  _ddpm_usr2=0 _ddpm_term=0 _ddpm_pid=""
+  trap '_ddpm_on_signal USR2' USR2
+  trap '_ddpm_on_signal TERM' TERM
+}
+
+# ddpm_requeue RC: put this job back in the queue (same job id, so the same run dir); RC if that fails.
+ddpm_requeue() {
+  ddpm_log "requeueing job $SLURM_JOB_ID (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 ))); the rerun resumes the" \
+           "same run dir"
+  if scontrol requeue "$SLURM_JOB_ID"; then return 0; fi
+  ddpm_log "error: scontrol requeue $SLURM_JOB_ID failed; the checkpoint is saved: resubmit with" \
+           "DDPM_RUN_DIR=<this job's run dir> to continue"
+  return "$1"
+}
+
+# ddpm_run_step CMD...: run CMD (srun ...) in the background so that trapped signals reach it, wait for
+# it, and requeue the job if it asks for that. Returns CMD's exit status otherwise.
+ddpm_run_step() {
+  "$@" &
+  _ddpm_pid=$!
+  # `wait` returns early whenever a trapped signal arrives; wait again until the step has really ended,
+  # then once more for its exit status (bash keeps it).
+  while kill -0 "$_ddpm_pid" 2>/dev/null; do wait "$_ddpm_pid" || true; done
+  local rc=0
+  wait "$_ddpm_pid" || rc=$?
+  # A task killed by the forwarded USR2 before Python installed its handler (rc > 128) also has
+  # nothing to lose by a requeue: the rerun resumes from the newest checkpoint.
+  if [ "$rc" = "$REQUEUE_EXIT_CODE" ] || { [ "$_ddpm_usr2" = 1 ] && [ "$rc" -gt 128 ]; }; then
+    if [ "$_ddpm_term" = 1 ]; then
+      ddpm_log "training stopped after SIGTERM (exit $rc); SLURM itself requeues or cancels the job"
+      return "$rc"
+    fi
+    ddpm_log "training stopped for preemption (exit $rc)"
+    ddpm_requeue "$rc"
+    return
+  fi
+  return "$rc"
+}
+
+# ddpm_train CONFIG RUN_DIR [key.sub=value ...]: validate, print where and how, then train under srun.
+ddpm_train() {
+  local config run_dir plan
+  config=$(ddpm_resolve_config "$1")
+  run_dir=$2
+  shift 2
+  ddpm_trap_signals
+  # Validate the config, the overrides and the run dir in the batch shell first (a few seconds: the
+  # model arguments are checked against the net classes): a bad override fails the job with exit 2 and
+  # `error: ...` as the first log line, instead of N tasks printing it after srun started them.
+  plan=$("$PYTHON" -m jobs.train --config "$config" "$@" --run-dir "$run_dir" --dry-run) || return $?
+  # A signal during the check: nothing trained yet, nothing to save. SIGTERM: SLURM ends the job anyway;
+  # the time-limit warning: a rerun with a fresh time limit beats starting now.
+  if [ "$_ddpm_term" = 1 ]; then return 143; fi
+  if [ "$_ddpm_usr2" = 1 ]; then ddpm_requeue "$REQUEUE_EXIT_CODE"; return; fi
+  ddpm_rendezvous
+  ddpm_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s):" \
+           "${SLURM_JOB_NUM_NODES:-1} node(s), ${SLURM_NTASKS:-1} task(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
+  ddpm_log "config $config ${*:+with $* }-> ${plan##*$'\n'}; python $(command -v "$PYTHON")"
+  ddpm_run_step srun "$PYTHON" -m jobs.train --config "$config" "$@" --run-dir "$run_dir"
+}
+
+# ddpm_sweep_runs FILE: the run lines of a sweep file, one per line; `#` starts a comment (at the start
+# of a line or after whitespace) and blank lines are dropped. Array index i is the i-th of these, from 0.
+ddpm_sweep_runs() {
+  awk '{ sub(/(^|[ \t])#.*/, ""); gsub(/^[ \t\r]+|[ \t\r]+$/, ""); if ($0 != "") print }' "$1"
+}
