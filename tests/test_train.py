@@ -231,3 +231,21 @@ def test_help_and_subprocess_exit_code(tmp_path):
     assert r.returncode == 0 and "--dry-run" in r.stdout and "examples:" in r.stdout
     r = subprocess.run([*TRAIN, "--config", "nope.yaml"], cwd=ROOT, env=python_env(), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: config file nope.yaml not found")
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch, capsys):
+    from ddpm.train_loop import Trainer
+    real_loss = Trainer.loss
+
+    def poisoned(self, *args):
+        out = real_loss(self, *args)
+        return out * float("nan") if self.step >= 7 else out
+
+    monkeypatch.setattr(Trainer, "loss", poisoned)
+    run = tmp_path / "run"
+    assert train_main(["--config", str(tiny_config), "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "error: the loss became NaN/Inf at or before step 8; the last good checkpoint (step 5) is intact" in err
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000000005"]
+    state = final_weights(run)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
