@@ -1,0 +1,287 @@
+"""The sampling parts of an evaluation (see :mod:`ddpm.evaluation`): each takes (plan, out_dir, log),
+writes its figures into out_dir and returns a JSON-ready section for ``metrics.json``.
+
+Guidance sweep (grids, archive, accuracy / feature-FID / Inception), progression across checkpoints,
+denoising GIFs, sampler steps vs quality, slerp interpolation. The parts that need no sampling (loss
+curves, one-step denoiser and noisy-classifier runs) are in :mod:`ddpm.eval_data`; :func:`tasks` lists
+what a plan runs.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+
+from ddpm import figures, metrics
+from ddpm.archive import write_samples
+from ddpm.checkpoint import CheckpointManager
+from ddpm.config import DATASET_SHAPES
+from ddpm.data import to_unit
+from ddpm.generate import generate
+from ddpm.images import make_grid, to_uint8
+from ddpm.sampling import ddim_timesteps, slerp, to_gamma
+
+CHUNK = 1000                  # images per sampler call (bounded memory); chunk i uses seed + 7919 i
+MAX_PROGRESSION = 8           # checkpoints shown in the progression figure
+MAX_GIF_FRAMES = 40
+STATIC_COLUMNS = 8            # trajectory snapshots in the static denoising figures
+INTERP_ROWS, INTERP_COLS = 5, 8
+TABLE_DDIM = (10, 20, 50, 100)
+TABLE_FLOW = (("euler", (10, 20, 50, 100)), ("heun", (5, 10, 25, 50)))
+
+
+# ---- shared helpers ------------------------------------------------------------------------------
+
+def _u8(plan, x: torch.Tensor) -> np.ndarray:
+    """Model-space samples (N, C, H, W) → uint8 (N, H, W, C), as the training job archives them."""
+    norm = tuple(plan.cfg.data.normalize) if plan.cfg.data.normalize else None
+    return to_uint8(to_unit(x.float().cpu(), norm) * 2 - 1)
+
+
+def _nchw(u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2)
+
+
+def _sample(plan, net, labels, n, scale, sampler, steps, seed, x_T=None, capture=None):
+    """generate() in chunks of CHUNK images: samples in model space (and the CPU trajectory if captured)."""
+    if capture is not None or n <= CHUNK:
+        return generate(net, plan.cfg, labels, n=n, seed=seed, guidance=scale, convention=plan.convention,
+                        sampler=sampler, steps=steps, device=plan.device, x_T=x_T, capture=capture)
+    parts = []
+    for i, lo in enumerate(range(0, n, CHUNK)):
+        hi = min(n, lo + CHUNK)
+        parts.append(generate(net, plan.cfg, None if labels is None else labels[lo:hi], n=hi - lo,
+                              seed=seed + 7919 * i, guidance=scale, convention=plan.convention, sampler=sampler,
+                              steps=steps, device=plan.device).cpu())
+    return torch.cat(parts)
+
+
+def _classes(plan) -> int:
+    return DATASET_SHAPES[plan.cfg.data.dataset][2]
+
+
+def _ckpt_line(plan) -> str:
+    return f"run {plan.cfg.name} · checkpoint step {plan.step} · {'EMA' if plan.ema else 'raw (non-EMA)'} weights"
+
+
+def _symbol(plan) -> str:
+    return "γ" if plan.convention == "gamma" else "w"
+
+
+def _sampler_line(plan, sampler, steps, scale=None) -> str:
+    if not plan.conditional:
+        guide = "unconditional model (no guidance)"
+    elif plan.convention == "gamma":
+        guide = "guidance convention γ (γ=1 conditional, γ=0 unconditional)"
+    else:
+        guide = "guidance convention w (w=0 conditional, w=−1 unconditional)"
+    if scale is not None and plan.conditional:
+        guide += f" · {_symbol(plan)}={scale:g}"
+    return f"sampler {sampler}, {steps} steps · {guide}"
+
+
+def _scores(plan, u8: np.ndarray, labels) -> dict:
+    """Label accuracy and feature-FID (classifier), Inception FID and IS (if weights were given)."""
+    out = {"accuracy": None, "feature_fid": None, "inception_fid": None, "inception_score": None}
+    images = _nchw(u8)
+    if plan.classifier is not None:
+        logits, feats = metrics.classify(plan.classifier[0], images, plan.device)
+        if labels is not None:
+            out["accuracy"] = metrics.accuracy(logits, labels)
+        out["feature_fid"] = metrics.frechet_distance(*metrics.feature_stats(feats.numpy()), *plan.reference)
+    if plan.inception is not None:
+        out["inception_fid"], out["inception_score"] = plan.inception.score(images)
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ---- generative runs -----------------------------------------------------------------------------
+
+def guidance_part(plan, out, log) -> dict:
+    """Samples per guidance scale → archive groups, per-scale grids, the guidance grid, scores."""
+    n_cls = _classes(plan)
+    k = max(plan.per_class, math.ceil(plan.metric_samples / n_cls))
+    labels = torch.arange(n_cls).repeat_interleave(k) if plan.conditional else None
+    n, h5 = n_cls * k, plan.run_dir / "samples.h5"
+    rows, figs, groups, firsts = [], [], [], []
+    draw = "grids" in plan.parts
+    for scale in plan.scales:
+        t0 = time.perf_counter()
+        u8 = _u8(plan, _sample(plan, plan.net, labels, n, scale, plan.sampler, plan.steps, plan.seed))
+        wall = time.perf_counter() - t0
+        name = f"{plan.convention}_{scale:g}" if plan.conditional else "uncond"
+        group = f"{plan.group_prefix}/{name}"
+        stored = labels.numpy() if labels is not None else np.full(n, -1)
+        write_samples(h5, group, u8, stored, dict(
+            step=plan.step, sampler=plan.sampler, steps=plan.steps, seed=plan.seed, ema=plan.ema,
+            config_hash=plan.cfg.hash(), guidance_scale=scale if plan.conditional else None,
+            guidance_convention=plan.convention if plan.conditional else None,
+            gamma=to_gamma(scale, plan.convention) if plan.conditional else None,
+            checkpoint=str(plan.checkpoint_path), per_class=k, labels="requested class" if plan.conditional
+            else "none (-1): unconditional model"))
+        groups.append(group)
+        row = {"scale": scale, "gamma": to_gamma(scale, plan.convention) if plan.conditional else None, "n": n,
+               "group": group, "wall_s": round(wall, 3), **_scores(plan, u8, labels)}
+        rows.append(row)
+        log(f"  {name}: {n} samples in {wall:.1f} s · accuracy {_fmt(row['accuracy'])} · "
+            f"feature-FID {_fmt(row['feature_fid'])}")
+        firsts.append(u8[::k])
+        if draw and plan.conditional:  # rows: classes, columns: K samples each
+            shown = u8.reshape(n_cls, k, *u8.shape[1:])[:, :plan.per_class].reshape(-1, *u8.shape[1:])
+            figs.append(figures.grid_figure(
+                out / f"samples_{name}.png", make_grid(shown, plan.per_class), rows=n_cls, cols=plan.per_class,
+                title=[f"Samples at {_symbol(plan)}={scale:g}: {plan.per_class} per class", _ckpt_line(plan),
+                       _sampler_line(plan, plan.sampler, plan.steps)],
+                row_labels=list(range(n_cls)), ylabel="requested class", xlabel="samples (different noise)"))
+        elif draw:  # unconditional: K rows of n_cls samples
+            figs.append(figures.grid_figure(
+                out / f"samples_{name}.png", make_grid(u8[:n_cls * plan.per_class], n_cls), rows=plan.per_class,
+                cols=n_cls, title=[f"Unconditional samples ({n_cls * plan.per_class})", _ckpt_line(plan),
+                                   _sampler_line(plan, plan.sampler, plan.steps)]))
+    if draw and plan.conditional:
+        cells = np.stack(firsts, 1).reshape(-1, *firsts[0].shape[1:])  # row = class, column = scale
+        sym = _symbol(plan)
+        figs.insert(0, figures.grid_figure(
+            out / "guidance_grid.png", make_grid(cells, len(plan.scales)), rows=n_cls, cols=len(plan.scales),
+            title=["Classifier-free guidance sweep (one noise per row, shared by all scales)", _ckpt_line(plan),
+                   _sampler_line(plan, plan.sampler, plan.steps)],
+            row_labels=list(range(n_cls)), col_labels=[f"{sym}={s:g}" for s in plan.scales],
+            xlabel=f"guidance scale {sym}", ylabel="requested class"))
+    return {"sampler": plan.sampler, "steps": plan.steps, "per_class": k, "rows": rows, "figures": figs,
+            "archive_groups": groups}
+
+
+def progression_part(plan, out, log) -> dict:
+    from ddpm.evaluation import load_net
+
+    manager = CheckpointManager(plan.run_dir / "checkpoints")
+    steps = [s for s in manager.steps() if s <= plan.step] or [plan.step]
+    if len(steps) > MAX_PROGRESSION:
+        steps = [steps[round(i * (len(steps) - 1) / (MAX_PROGRESSION - 1))] for i in range(MAX_PROGRESSION)]
+    n_cls = _classes(plan)
+    labels = torch.arange(n_cls) if plan.conditional else None
+    scale, rows = plan.display_scale, []
+    for s in steps:
+        if s == plan.step:
+            net = plan.net
+        else:
+            _, state = manager.load(s)
+            net = load_net(plan.cfg, state, plan.ema and state.get("ema") is not None, plan.device, f"step {s}")
+        rows.append(_u8(plan, _sample(plan, net, labels, n_cls, scale, plan.fast_sampler, plan.fast_steps, plan.seed)))
+    fig = figures.grid_figure(
+        out / "progression.png", make_grid(np.concatenate(rows), n_cls), rows=len(steps), cols=n_cls,
+        title=["Progression across retained checkpoints (same noise)", _ckpt_line(plan),
+               _sampler_line(plan, plan.fast_sampler, plan.fast_steps, scale)],
+        row_labels=[f"step {s}" for s in steps], col_labels=list(range(n_cls)) if plan.conditional else None,
+        xlabel="requested class" if plan.conditional else "sample", ylabel="checkpoint")
+    return {"checkpoint_steps": steps, "scale": scale, "sampler": plan.fast_sampler, "steps": plan.fast_steps,
+            "figures": [fig]}
+
+
+def _visited(plan) -> list[int]:
+    """Capture keys in sampling order: timesteps (DDPM / DDIM) or step indices (flows)."""
+    T = plan.cfg.diffusion.T
+    if plan.sampler == "ddpm":
+        return list(range(T - 1, -1, -1))
+    if plan.sampler == "ddim":
+        return ddim_timesteps(T, plan.steps)
+    return list(range(plan.steps))
+
+
+def _spread(items: list, n: int) -> list:
+    return items if len(items) <= n else [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def gifs_part(plan, out, log) -> dict:
+    n_cls, scale = _classes(plan), plan.display_scale
+    labels = torch.arange(n_cls) if plan.conditional else None
+    keys = _spread(_visited(plan), MAX_GIF_FRAMES)
+    x, traj = _sample(plan, plan.net, labels, n_cls, scale, plan.sampler, plan.steps, plan.seed, capture=set(keys))
+    flows = plan.sampler in ("euler", "heun")
+    caption = (lambda k: f"t={1 - k / plan.steps:.2f}") if flows else (lambda k: f"t={k}")
+    xt = {k: _u8(plan, traj[k][0]) for k in keys}
+    x0 = {k: _u8(plan, traj[k][1]) for k in keys}
+    final = _u8(plan, x)
+    figs = []
+    for c in range(n_cls):
+        head = f"class {c}" if plan.conditional else f"sample {c}"
+        figs.append(figures.trajectory_gif(
+            out / f"denoising_{'class' if plan.conditional else 'sample'}{c}.gif",
+            [xt[k][c] for k in keys] + [final[c]], [x0[k][c] for k in keys] + [final[c]],
+            [caption(k) for k in keys] + ["final sample"], head,
+            f"step {plan.step} · {plan.sampler}, {plan.steps} steps"
+            + (f" · {_symbol(plan)}={scale:g}" if plan.conditional else "")))
+    cols = _spread(keys, STATIC_COLUMNS)
+    for what, frames in (("xt", xt), ("x0", x0)):
+        cells = np.stack([frames[k] for k in cols], 1).reshape(-1, *final.shape[1:])
+        figs.append(figures.grid_figure(
+            out / f"denoising_{what}.png", make_grid(cells, len(cols)), rows=n_cls, cols=len(cols),
+            title=["Reverse process: " + ("noisy x_t" if what == "xt" else "predicted clean image x̂0 at each t"),
+                   _ckpt_line(plan), _sampler_line(plan, plan.sampler, plan.steps, scale)],
+            row_labels=list(range(n_cls)) if plan.conditional else None,
+            col_labels=[caption(k) for k in cols], xlabel="sampling progress (left: pure noise)",
+            ylabel="requested class" if plan.conditional else ""))
+    return {"scale": scale, "sampler": plan.sampler, "steps": plan.steps, "frames": len(keys) + 1, "figures": figs}
+
+
+def steps_part(plan, out, log) -> dict:
+    T, n, scale = plan.cfg.diffusion.T, plan.table_samples, plan.display_scale
+    if plan.cfg.diffusion.objective == "rectified_flow":
+        runs = [(s, k) for s, ks in TABLE_FLOW for k in ks]
+    else:
+        runs = [("ddpm", T)] + [("ddim", k) for k in sorted({min(k, T) for k in TABLE_DDIM})]
+    labels = torch.arange(n) % _classes(plan) if plan.conditional else None
+    rows = []
+    for sampler, steps in runs:
+        t0 = time.perf_counter()
+        u8 = _u8(plan, _sample(plan, plan.net, labels, n, scale, sampler, steps, plan.seed))
+        wall = time.perf_counter() - t0
+        evals = steps * (2 if sampler == "heun" else 1)
+        rows.append({"sampler": sampler, "steps": steps, "evaluations": evals, "n": n, "wall_s": round(wall, 3),
+                     **{k: v for k, v in _scores(plan, u8, labels).items() if k in ("accuracy", "feature_fid")}})
+        log(f"  {sampler} {steps} steps: {wall:.1f} s · accuracy {_fmt(rows[-1]['accuracy'])}")
+    fig = figures.steps_figure(out / "steps_vs_quality.png", rows, [
+        f"Sampler steps vs quality · {_ckpt_line(plan)}",
+        f"{n} samples per setting, same noise · " + _sampler_line(plan, "various", "N", scale).split(" · ", 1)[1]])
+    return {"scale": scale, "n": n, "rows": rows, "figures": [fig]}
+
+
+def interpolation_part(plan, out, log) -> dict:
+    c, size, n_cls = DATASET_SHAPES[plan.cfg.data.dataset]
+    g = torch.Generator().manual_seed(plan.seed)
+    z0, z1 = (torch.randn((INTERP_ROWS, c, size, size), generator=g) for _ in range(2))
+    alphas = torch.linspace(0, 1, INTERP_COLS).tolist()
+    x_T = torch.stack([slerp(z0[r], z1[r], a) for r in range(INTERP_ROWS) for a in alphas])
+    row_classes = [(2 * r) % n_cls for r in range(INTERP_ROWS)]
+    labels = torch.tensor(row_classes).repeat_interleave(INTERP_COLS) if plan.conditional else None
+    scale = plan.display_scale
+    x = _sample(plan, plan.net, labels, len(x_T), scale, plan.fast_sampler, plan.fast_steps, plan.seed,
+                x_T=x_T.to(plan.device))
+    fig = figures.grid_figure(
+        out / "interpolation.png", make_grid(_u8(plan, x), INTERP_COLS), rows=INTERP_ROWS, cols=INTERP_COLS,
+        title=["Spherical interpolation between two noises (deterministic decoding)", _ckpt_line(plan),
+               _sampler_line(plan, plan.fast_sampler, plan.fast_steps, scale)],
+        row_labels=[f"class {k}" for k in row_classes] if plan.conditional else None,
+        col_labels=[f"α={a:.2f}" for a in alphas], xlabel="slerp weight α (0: first noise, 1: second)",
+        ylabel="one noise pair per row")
+    return {"rows": INTERP_ROWS, "alphas": alphas, "row_classes": row_classes if plan.conditional else None,
+            "scale": scale, "sampler": plan.fast_sampler, "steps": plan.fast_steps, "figures": [fig]}
+
+
+def tasks(plan) -> list:
+    """(section name, function) in running order for the plan's parts."""
+    from ddpm.eval_data import classifier_part, curves_part, denoiser_part
+
+    p = set(plan.parts)
+    if plan.kind == "denoiser":
+        return [("curves", curves_part)] * ("curves" in p) + \
+            [("denoiser", denoiser_part)] * bool(p & {"denoiser", "metrics"})
+    if plan.kind == "classifier":
+        return [("curves", curves_part)] * ("curves" in p) + [("accuracy_vs_t", classifier_part)] * ("metrics" in p)
+    order = [("guidance", guidance_part, p & {"grids", "metrics"}), ("curves", curves_part, "curves" in p),
+             ("progression", progression_part, "progression" in p), ("gifs", gifs_part, "gifs" in p),
+             ("steps", steps_part, "steps" in p), ("interpolation", interpolation_part, "interpolation" in p)]
+    return [(name, fn) for name, fn, wanted in order if wanted]
