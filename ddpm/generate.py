@@ -11,7 +11,14 @@ from ddpm.errors import UserError
 from ddpm.sampling import classifier_free_guidance, sample_ddim, sample_ddpm, sample_flow
 from ddpm.schedule import NoiseSchedule
 
-DEFAULT_STEPS = {"ddpm": 0, "ddim": 50, "euler": 100, "heun": 50}
+DEFAULT_STEPS = {"ddim": 50, "euler": 100, "heun": 50}
+
+
+def effective_steps(cfg, sampler: str | None = None, steps: int | None = None) -> int:
+    """The number of sampler steps actually run (config value 0 means the sampler's default; ddpm runs T)."""
+    sampler = sampler or cfg.sample.sampler
+    steps = steps or cfg.sample.steps
+    return steps or (cfg.diffusion.T if sampler == "ddpm" else DEFAULT_STEPS[sampler])
 
 
 def schedule_for(cfg) -> NoiseSchedule:
@@ -37,7 +44,7 @@ def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: flo
     otherwise an unconditional net raises a UserError. Returns x, or (x, trajectory) with ``capture``.
     """
     sampler = sampler or cfg.sample.sampler
-    steps = steps or cfg.sample.steps or DEFAULT_STEPS[sampler]
+    steps = effective_steps(cfg, sampler, steps)
     sched = schedule_for(cfg)
     model = eps_model_for(net, sched, cfg.diffusion.objective, device)
     neutral = guidance == (1.0 if convention == "gamma" else 0.0)
@@ -55,7 +62,7 @@ def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: flo
     if labels is not None:
         labels = labels.to(device)
     if sampler == "ddpm":
-        if steps not in (0, sched.T):
+        if steps != sched.T:
             raise UserError(f"the ddpm sampler always runs all T={sched.T} steps; use sampler ddim for {steps} steps")
         return sample_ddpm(model, sched, shape, labels, **kw)
     if sampler == "ddim":

@@ -20,7 +20,7 @@ from ddpm.config import Config
 from ddpm.data import StepBatcher, load_dataset, to_unit
 from ddpm.dist import DistInfo, barrier, print0, reduce_mean
 from ddpm.errors import UserError
-from ddpm.generate import generate, schedule_for
+from ddpm.generate import effective_steps, generate, schedule_for
 from ddpm.images import make_grid, to_uint8
 from ddpm.logging import RunLogger
 from ddpm.nets import build_net
@@ -291,7 +291,7 @@ class Trainer:
                 x = generate(net, cfg, labels if cond else None, n=len(labels), seed=s.seed, guidance=scale,
                              convention=s.convention, device=self.dev)
                 name = f"{s.convention}_{scale:g}" if cond else "uncond"
-                events.append((name, x, dict(sampler=s.sampler, steps=s.steps, guidance_scale=float(scale) if cond else None,
+                events.append((name, x, dict(sampler=s.sampler, steps=effective_steps(cfg), guidance_scale=float(scale) if cond else None,
                                              guidance_convention=s.convention if cond else None)))
         for name, x, attrs in events:
             images = to_uint8(to_unit(x.float(), norm) * 2 - 1)
