@@ -119,8 +119,9 @@ def read_metrics(path) -> list[dict]:
 
 def _parse_rows(path: Path) -> list[dict]:
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    # A complete file ends with "\n", so the last element is "" or the row being written when killed.
-    complete, tail = lines[:-1], lines[-1]
+    # A complete file ends with "\n", so the last element is "" or the row being written when killed:
+    # either way it is not a complete row.
+    complete = lines[:-1]
     rows = []
     for i, line in enumerate(complete, 1):
         if not line.strip():

@@ -69,6 +69,17 @@ def tiny_config(tmp_path, mnist_root):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Sampling-heavy modules issue many small ops: on 2 shared cores one thread beats two fighting ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def python_env(**extra):
     """Environment for job subprocesses: the repo importable, unbuffered output, 1 thread per process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

@@ -51,13 +51,7 @@ def run(tmp_path_factory, config_path):
     return run_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sampling issues many small ops; on 2 shared cores one thread is faster than two fighting ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,7 @@ def test_inception_score_limits():
     assert inception_score(peaked, splits=1) == pytest.approx(8.0, rel=1e-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On 2 shared cores one thread is faster than two fighting ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
