@@ -200,3 +200,12 @@ def diffusers_status() -> tuple[str | None, str]:
     except Exception as e:  # not installed, or installed but broken against this torch
         return None, f"diffusers not importable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
     return diffusers.__version__, ""
+
+
+def diffusers_runs(dev) -> tuple[str | None, list[tuple[bool, str | None]]]:
+    """diffusers' version (None if absent) and, in table order, (bf16, why it is skipped or None) for
+    each diffusers baseline row: fp32 always, bf16 autocast only on CUDA."""
+    version, why = diffusers_status()
+    if version is None:
+        return None, [(False, why)]
+    return version, [(False, None), (True, None if dev.type == "cuda" else "bf16 autocast is benchmarked on CUDA only")]

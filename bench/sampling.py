@@ -106,14 +106,13 @@ def cifar_rows(args, sz, peaks, rows) -> None:
     section = f"CIFAR sample {n} img DDIM-{steps} CFG"
     labels = torch.arange(n) % 10
     gen = torch.Generator(device=dev)
-    version, why = common.diffusers_status()
+    version, runs = common.diffusers_runs(dev)
 
-    if version is None:
-        rows.append(Row(section, "baseline: diffusers DDIM", f"base={base}", note=f"skipped: {why}"))
-    for bf16 in ((False, True) if version else ()):
-        if bf16 and dev.type != "cuda":
-            rows.append(Row(section, "diffusers DDIM", f"base={base} bf16 autocast",
-                            note="skipped: bf16 autocast is benchmarked on CUDA only"))
+    for bf16, skipped in runs:
+        name = "diffusers DDIM" if bf16 else "baseline: diffusers DDIM"
+        config = f"base={base} {'bf16 autocast' if bf16 else 'fp32'}, batched CFG"
+        if skipped:
+            rows.append(Row(section, name, config, note=f"skipped: {skipped}"))
             continue
 
         def diffusers_row(row, bf16=bf16):
@@ -126,9 +125,7 @@ def cifar_rows(args, sz, peaks, rows) -> None:
             fill(row, run, dev, n, sz["repeats"], per_eval * 2 * steps, "bf16" if bf16 else "fp32", peaks, False)
             row.note = f"diffusers {version}"
 
-        name = "diffusers DDIM" if bf16 else "baseline: diffusers DDIM"
-        common.run_row(rows, Row(section, name, f"base={base} {'bf16 autocast' if bf16 else 'fp32'}, batched CFG",
-                                 baseline=not bf16), diffusers_row)
+        common.run_row(rows, Row(section, name, config, baseline=not bf16), diffusers_row)
 
     torch.manual_seed(0)
     net = build_net("cifar_unet", base=base).to(dev).eval()

@@ -145,19 +145,18 @@ def mnist_rows(args, sz, peaks, rows) -> None:
 def cifar_rows(args, sz, peaks, rows) -> None:
     dev, base = args.device, sz["cifar_base"]
     section = "CIFAR train"
-    version, why = common.diffusers_status()
+    version, runs = common.diffusers_runs(dev)
     b0 = sz["cifar_batches"][0]
     gen = torch.Generator().manual_seed(0)
     n_images = max(4 * max(sz["cifar_batches"]), 1024 if not args.quick else 16)
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (n_images,), generator=gen)
 
-    if version is None:
-        rows.append(Row(section, "baseline: diffusers UNet2DModel", f"b{b0}", note=f"skipped: {why}"))
-    for bf16 in ((False, True) if version else ()):
-        if bf16 and dev.type != "cuda":
-            rows.append(Row(section, "diffusers UNet2DModel", f"base={base} b{b0} bf16 autocast",
-                            note="skipped: bf16 autocast is benchmarked on CUDA only"))
+    for bf16, skipped in runs:
+        name = "diffusers UNet2DModel" if bf16 else "baseline: diffusers UNet2DModel"
+        config = f"base={base} b{b0} {'bf16 autocast' if bf16 else 'fp32'}"
+        if skipped:
+            rows.append(Row(section, name, config, note=f"skipped: {skipped}"))
             continue
 
         def diffusers_row(row, bf16=bf16):
@@ -179,9 +178,7 @@ def cifar_rows(args, sz, peaks, rows) -> None:
             row.mfu = common.mfu(flops * row.images_per_s, "bf16" if bf16 else "fp32", peaks)
             row.note = f"diffusers {version}, {flops / 1e9:.1f} GFLOP/img"
 
-        name = "baseline: diffusers UNet2DModel" if not bf16 else "diffusers UNet2DModel"
-        common.run_row(rows, Row(section, name, f"base={base} b{b0} {'bf16 autocast' if bf16 else 'fp32'}",
-                          baseline=not bf16), diffusers_row)
+        common.run_row(rows, Row(section, name, config, baseline=not bf16), diffusers_row)
 
     flops = common.flops_per_image(lambda: build_net("cifar_unet", base=base), (3, 32, 32))
     for batch in sz["cifar_batches"]:
