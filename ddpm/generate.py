@@ -47,12 +47,11 @@ def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: flo
     steps = effective_steps(cfg, sampler, steps)
     sched = schedule_for(cfg)
     model = eps_model_for(net, sched, cfg.diffusion.objective, device)
-    neutral = guidance == (1.0 if convention == "gamma" else 0.0)
     if labels is not None and getattr(net, "num_classes", 0):
         model = classifier_free_guidance(model, guidance, convention, num_classes=net.num_classes)
-    elif not neutral:
-        classifier_free_guidance(net, guidance, convention)  # raises the UserError for unconditional nets
-    if labels is not None and not getattr(net, "num_classes", 0):
+    else:
+        if guidance != (1.0 if convention == "gamma" else 0.0):
+            classifier_free_guidance(net, guidance, convention)  # raises the UserError for unconditional nets
         labels = None
     n = labels.shape[0] if labels is not None else (x_T.shape[0] if x_T is not None else n)
     c, size, _ = DATASET_SHAPES[cfg.data.dataset]

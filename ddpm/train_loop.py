@@ -187,11 +187,11 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 log_now = (step + 1) % cfg.log.every == 0 or step + 1 == self.total
-                params = [p for p in self.net.parameters() if p.grad is not None]
                 if cfg.train.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
                 elif log_now:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters()
+                                                               if p.grad is not None])
                 lr = lr_at(cfg, step, self.batcher.steps_per_epoch, self.total)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
