@@ -9,6 +9,8 @@ On the CPU everything here is a no-op, so CPU sampling is unchanged.
 """
 import torch
 
+from ddpm.compile_cache import use_persistent_cache
+
 
 def compile_for_sampling(eps_model, device, *, bf16: bool = True, compile: bool = True, cuda_graphs: bool = True):
     """Wrap ``eps_model(x, t, y)`` (a net or a guidance wrapper) for fast repeated calls on CUDA.
@@ -33,6 +35,7 @@ def compile_for_sampling(eps_model, device, *, bf16: bool = True, compile: bool 
 
     if not compile:
         return run
+    use_persistent_cache()
     compiled = torch.compile(run, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     if not cuda_graphs:
         return compiled

@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import archive, diffusion
+from ddpm.compile_cache import use_persistent_cache
 from ddpm.checkpoint import CheckpointManager, clean_state_dict
 from ddpm.config import Config
 from ddpm.data import StepBatcher, load_dataset, to_unit
@@ -158,10 +159,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # shapes are fixed for the whole run
         if info.world_size > 1:
             # Every parameter gets a gradient every step: a static graph lets DDP skip the unused-parameter
-            # search, and bucket views avoid a gradient copy.
+            # search, and bucket views avoid a gradient copy. BatchNorm running statistics (CS180 nets) are
+            # not broadcast before every forward: training uses batch statistics, and only rank 0's
+            # running statistics are saved and sampled with, so the broadcast would be a wasted collective.
             model = DistributedDataParallel(model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
-                                            gradient_as_bucket_view=True, static_graph=True)
+                                            gradient_as_bucket_view=True, static_graph=True, broadcast_buffers=False)
         if cfg.train.compile and self.dev.type == "cuda":
+            print0(f"torch.compile cache: {use_persistent_cache()} (set TORCHINDUCTOR_CACHE_DIR to change)")
             model = torch.compile(model)
         logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
                            tensorboard=cfg.log.tensorboard)
