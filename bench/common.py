@@ -176,6 +176,11 @@ def print_table(rows: list[Row], sampling: bool = False) -> None:
         cells = [r.section, r.name, r.config] + ([f"{r.seconds:.3f}" if r.seconds else "-"] if sampling else [])
         cells += [fmt_rate(r.images_per_s), ratio, r.memory or "-", r.mfu, r.note]
         lines.append(cells)
+    print_markdown(cols, lines)
+
+
+def print_markdown(cols: list[str], lines: list[list]) -> None:
+    """A Markdown table with aligned columns (pastes into docs/PERFORMANCE.md as is)."""
     widths = [max(len(str(c)) for c in col) for col in zip(cols, *lines)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -69,6 +69,19 @@ def tiny_config(tmp_path, mnist_root):
     return path
 
 
+@pytest.fixture(scope="session")
+def untrained_classifier(tmp_path_factory):
+    """An untrained MNIST classifier file: evaluation only needs a valid one (training is tested in test_metrics)."""
+    import torch
+
+    from ddpm import metrics
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clf") / "mnist_cnn.pt"
+    metrics.save_classifier(path, metrics.FeatureCNN().eval(), {"dataset": "mnist", "test_accuracy": None})
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Sampling-heavy modules issue many small ops: on 2 shared cores one thread beats two fighting ones."""

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmarks: both scripts run end to end on the CPU at --quick sizes (no timing checks)."""
+"""Smoke test of the benchmarks: every script runs end to end on the CPU at --quick sizes (no timing checks)."""
 import subprocess
 import sys
 
@@ -6,12 +6,19 @@ import torch
 
 from conftest import ROOT, python_env
 
+COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU"),
+           "sampling": ("s/batch", "images/s", "vs baseline", "peak memory", "MFU"),
+           "mnist_end_to_end": ("wall s", "images/s", "speed-up", "peak memory", "accuracy γ=5", "feature-FID γ=5")}
 
-def test_benchmarks_run_on_cpu_quick(mnist_root):
+
+def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path):
     commands = {
         "train_throughput": [sys.executable, "bench/train_throughput.py", "--device", "cpu", "--quick",
                              "--data-root", str(mnist_root)],
         "sampling": [sys.executable, "-m", "bench.sampling", "--device", "cpu", "--quick"],
+        "mnist_end_to_end": [sys.executable, "-m", "bench.mnist_end_to_end", "--device", "cpu", "--quick",
+                             "--data-root", str(mnist_root), "--classifier", str(untrained_classifier),
+                             "--keep", str(tmp_path / "e2e")],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
@@ -19,8 +26,28 @@ def test_benchmarks_run_on_cpu_quick(mnist_root):
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"bench {name} failed:\n{out}"
-        header = next((line for line in out.splitlines() if line.startswith("| section")), "")
-        for column in ("images/s", "vs baseline", "peak memory", "MFU"):
+        header = next((line for line in out.splitlines() if line.startswith("| ")), "")
+        for column in COLUMNS[name]:
             assert column in header, f"bench {name}: column {column!r} missing from {header!r}"
-        assert "baseline" in out and "ours" in out
+        assert "| baseline" in out and "| ours" in out
         assert f"torch {torch.__version__}" in out
+    # The end-to-end runs are real run dirs, evaluated by the evaluation job.
+    for run in ("course", "ours"):
+        assert list((tmp_path / "e2e" / run).glob("eval/step_*/metrics.json")), run
+    assert not (tmp_path / "e2e" / "ours-warm").exists()  # no compilation on the CPU: no warm-cache row
+
+
+def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
+    """Missing classifier, existing --keep dir: exit 2 with a one-line error, nothing trained."""
+    base = [sys.executable, "-m", "bench.mnist_end_to_end", "--device", "cpu", "--quick", "--data-root", str(mnist_root)]
+    (tmp_path / "kept").mkdir()
+    marker = tmp_path / "kept" / "mine.txt"
+    marker.write_text("keep me")
+    cases = [(["--classifier", str(tmp_path / "none.pt")], "no MNIST classifier at"),
+             (["--classifier", str(marker), "--keep", str(tmp_path / "kept")], "already exists"),
+             (["--classifier", str(marker), "--data-root", str(tmp_path)], "MNIST not found")]
+    for extra, message in cases:
+        proc = subprocess.run([*base, *extra], cwd=ROOT, env=python_env(), capture_output=True, text=True)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert marker.read_text() == "keep me" and len(list((tmp_path / "kept").iterdir())) == 1

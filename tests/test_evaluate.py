@@ -55,19 +55,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    """An untrained classifier file: evaluation only needs a valid one (training is tested in test_metrics)."""
-    torch.manual_seed(0)
-    net = metrics.FeatureCNN().eval()
-    path = tmp_path_factory.mktemp("clf") / "mnist_cnn.pt"
-    metrics.save_classifier(path, net, {"dataset": "mnist", "test_accuracy": None})
-    return path
-
-
-@pytest.fixture(scope="module")
-def evaluated(run, classifier, tmp_path_factory):
+def evaluated(run, untrained_classifier, tmp_path_factory):
     npz = tmp_path_factory.mktemp("npz") / "samples.npz"
-    assert evaluate([str(run), "--classifier", str(classifier), "--export-npz", str(npz), *FAST]) == 0
+    assert evaluate([str(run), "--classifier", str(untrained_classifier), "--export-npz", str(npz), *FAST]) == 0
     out = run / "eval" / "step_000000020"
     return out, json.loads((out / "metrics.json").read_text()), npz
 
@@ -128,7 +118,7 @@ def test_guidance_grid_shows_the_archived_samples(evaluated, run):
                 assert np.array_equal(grid[y:y + CELL, x:x + CELL], images[c * k, :, :, 0]), (c, j)
 
 
-def test_metrics_json_has_every_field(evaluated, run, classifier):
+def test_metrics_json_has_every_field(evaluated, run, untrained_classifier):
     _, m, _ = evaluated
     cfg = load_config_from_run(run)
     assert {"run_dir", "run_name", "objective", "dataset", "config_hash", "created", "command", "checkpoint", "seed",
@@ -139,7 +129,7 @@ def test_metrics_json_has_every_field(evaluated, run, classifier):
     assert set(m["versions"]) >= {"python", "torch", "torchvision", "ddpm-hpc"}
     assert m["sampler"]["name"] == "ddim" and m["sampler"]["steps"] == 5  # the config's sampler
     assert m["guidance"] == {"convention": "gamma", "scales": [1.0, 3.0], "display_scale": 3.0, "conditional": True}
-    assert m["classifier"]["path"] == str(classifier) and len(m["classifier"]["sha256"]) == 64
+    assert m["classifier"]["path"] == str(untrained_classifier) and len(m["classifier"]["sha256"]) == 64
     assert set(m["sections"]) == {"guidance", "curves", "progression", "gifs", "steps", "interpolation"}
     for row in m["sections"]["guidance"]["rows"]:
         assert set(row) == {"scale", "gamma", "n", "group", "wall_s", "accuracy", "feature_fid", "inception_fid",
@@ -210,7 +200,7 @@ def test_loss_series_per_epoch_means():
     assert all(math.isfinite(v) for v in series["loss_smooth"])
 
 
-def test_options_checkpoint_convention_and_merge(run, evaluated, classifier):
+def test_options_checkpoint_convention_and_merge(run, evaluated, untrained_classifier):
     """--checkpoint STEP --no-ema --convention w: another eval dir, w groups; a later --only run adds to it."""
     assert evaluate([str(run), "--checkpoint", "15", "--no-ema", "--convention", "w", "--guidance", "0,2",
                      "--only", "grids", "--per-class", "2", "--metric-samples", "10", "--seed", "7"]) == 0
