@@ -354,11 +354,51 @@ def test_bad_override_fails_fast_with_the_message_first_and_no_requeue(slurm, ti
     assert wait_job(evaluation, tmp_path / "logs" / f"evaluate-{evaluation}.out", timeout=60)[0][1].startswith("CANCELLED")
 
 
+# ----- 7. the benchmark template -----------------------------------------------------------------
+
+def _submit_bench(tmp_path, *script_args, **env):
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    r = subprocess.run(["sbatch", "--parsable", "--time=10", "--cpus-per-task=1", "--mem=4G",
+                        str(SLURM_DIR / "bench.sh"), *script_args], cwd=tmp_path, env=job_env(**env),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    return job, tmp_path / "logs" / f"bench-{job}.out"
+
+
+@pytest.mark.slurm
+def test_bench_template_runs_every_benchmark_quick_on_a_node_without_cuda(slurm, mnist_root, untrained_classifier,
+                                                                          tmp_path):
+    """`sbatch slurm/bench.sh --quick`: all three tables in the log, on the CPU (the GPUs have no CUDA)."""
+    data = tmp_path / "data"
+    (data / "classifiers").mkdir(parents=True)
+    (data / "MNIST").symlink_to(Path(mnist_root) / "MNIST")
+    (data / "classifiers" / "mnist_cnn.pt").write_bytes(untrained_classifier.read_bytes())
+    job, log = _submit_bench(tmp_path, "--quick", DDPM_DATA_ROOT=data)
+    rows = wait_job(job, log, timeout=600)
+    assert rows == [(job, "COMPLETED", "0:0")], log_text(log, 20000)
+    text = log.read_text()
+    for bench in ("train_throughput", "sampling", "mnist_end_to_end"):
+        assert f"python -m bench.{bench} --device cpu --quick" in text, text
+    for title in ("training throughput", "sampling speed", "MNIST end to end"):
+        assert title in text, text
+    assert text.count("| baseline") >= 4 and "| ours: jobs.train configs/mnist.yaml" in text, text
+
+
+@pytest.mark.slurm
+def test_bench_template_refuses_full_sizes_without_a_gpu(slurm, mnist_root, tmp_path):
+    job, log = _submit_bench(tmp_path, DDPM_DATA_ROOT=Path(mnist_root))
+    rows = wait_job(job, log, timeout=120)
+    assert rows == [(job, "FAILED", "2:0")], log_text(log)
+    assert "error: no CUDA device in this job" in log.read_text() and "add --quick" in log.read_text()
+
+
 # ----- the templates' #SBATCH lines are valid and schedulable ----------------------------------------
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("script,args", [("mnist.sh", []), ("cifar10.sh", ["--mem=1G"]),
-                                         ("evaluate.sh", []), ("sweep.sh", ["--array=0-3"])])
+                                         ("evaluate.sh", []), ("sweep.sh", ["--array=0-3"]),
+                                         ("bench.sh", ["--mem=4G"])])
 def test_sbatch_accepts_the_template(slurm, tmp_path, script, args):
     """`sbatch --test-only`: every #SBATCH line parses, and the request (4 GPUs for cifar10.sh) fits a
     4-GPU node once CPUs and memory are scaled to the CI node."""
