@@ -248,35 +248,42 @@ class StepBatcher:
         self.local_batch = global_batch // world_size
         self.hflip, self.normalize = hflip, normalize
         self.steps_per_epoch = n // global_batch  # drop the last partial batch
-        self._epoch, self._perm = -1, None
+        self._epoch, self._perm, self._flips = -1, None, None
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, _PERM_STREAM, epoch))
-            self._perm = torch.randperm(len(self.images), generator=g).to(self.device)
-            self._epoch = epoch
-        return self._perm
+    def _start_epoch(self, epoch: int) -> None:
+        """Draw the epoch's permutation (and the flips of all its steps) on the CPU and upload them once:
+        a host-to-device copy per step would make the training loop wait for the GPU at every step."""
+        if epoch == self._epoch:
+            return
+        g = torch.Generator().manual_seed(_mix(self.seed, _PERM_STREAM, epoch))
+        self._perm = torch.randperm(len(self.images), generator=g).to(self.device)
+        if self.hflip:  # per step, drawn for the whole global batch: identical flips for any world size
+            first = epoch * self.steps_per_epoch
+            self._flips = torch.stack([
+                torch.rand(self.global_batch, generator=torch.Generator().manual_seed(_mix(self.seed, _FLIP_STREAM, s)))
+                < 0.5 for s in range(first, first + self.steps_per_epoch)]).to(self.device)
+        self._epoch = epoch
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x: float32 (global_batch / world_size, C, H, W) on device, normalised; y: int64 labels."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, pos = divmod(step, self.steps_per_epoch)
+        self._start_epoch(epoch)
         lo = pos * self.global_batch + self.rank * self.local_batch
-        idx = self._permutation(epoch)[lo:lo + self.local_batch]
+        idx = self._perm[lo:lo + self.local_batch]
         x, y = self.images[idx], self.labels[idx]
         if self.hflip:
-            # Drawn for the whole global batch, then sliced: identical flips for any world size.
-            g = torch.Generator().manual_seed(_mix(self.seed, _FLIP_STREAM, step))
-            flip = torch.rand(self.global_batch, generator=g) < 0.5
-            flip = flip[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].to(self.device)
+            flip = self._flips[pos, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         x = x.float()
+        # Multiplying by the reciprocal, not dividing: CUDA computes a division by a scalar that way, so
+        # the CPU and the GPU then give bit-identical batches.
         if self.normalize is None:
-            x = x.div_(127.5).sub_(1.0)
+            x = x.mul_(1 / 127.5).sub_(1.0)
         else:
             mean, std = self.normalize
-            x = x.div_(255.0).sub_(mean).div_(std)
+            x = x.mul_(1 / 255.0).sub_(mean).mul_(1 / std)
         return x, y
 
     def epoch_of(self, step: int) -> float:
