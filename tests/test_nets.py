@@ -241,6 +241,23 @@ def test_channels_last_and_bf16_autocast(vid):
     assert (low.float() - ref).abs().mean() < 0.1 * ref.abs().mean() + 1e-2
 
 
+@pytest.mark.parametrize("arch", ["cs180_time_unet", "cs180_class_unet"])
+def test_bf16_autocast_keeps_every_timestep_apart(arch):
+    """t / T enters a Linear: in bf16 it would round to the same value for 23 neighbouring pairs of the
+    300 timesteps (identical outputs). The time embedding runs in float32, also under compile."""
+    torch.manual_seed(0)
+    net = build_net(arch, hidden=8, T=300).eval()
+    x = torch.randn(1, 1, 28, 28).expand(300, -1, -1, -1)
+    t = torch.arange(300)
+    y = torch.zeros(300, dtype=torch.long) if net.num_classes else None
+    compiled = torch.compile(net, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, y)
+        assert torch.equal(compiled(x, t, y), out)
+    identical = (out[1:] == out[:-1]).flatten(1).all(1)
+    assert not identical.any(), f"timesteps {identical.nonzero().flatten().tolist()} and the next give equal outputs"
+
+
 # The three CS180 nets share one backbone, so the class-conditional one stands for all of them.
 @pytest.mark.parametrize("vid", ["cs180_class_unet", "res_unet", "cifar_unet", "noisy_classifier"])
 def test_traces_into_one_graph(vid):

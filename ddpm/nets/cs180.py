@@ -123,6 +123,17 @@ class _CS180UNet(nn.Module):
         return self.out(self.last(torch.cat([h, x0], dim=1)))
 
 
+def embed_time(block: nn.Module, frac: torch.Tensor) -> torch.Tensor:
+    """block(frac) in float32 even under autocast. frac: (B, 1) = t / T. bf16 keeps 8 significant bits,
+    so t / T would round to the same value for neighbouring t in the upper half of [0, 1) once T > 256
+    (T = 300 here): the net could not tell those timesteps apart."""
+    kind = frac.device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return block(frac)
+    with torch.autocast(kind, enabled=False):
+        return block(frac.float())
+
+
 @register("cs180_denoiser")
 class CS180Denoiser(_CS180UNet):
     """Unconditional one-step denoiser: ignores t. x: (B, C, H, W) → (B, C, H, W)."""
@@ -151,7 +162,7 @@ class CS180TimeUNet(_CS180UNet):
         """x: (B, C, H, W); t: LongTensor (B,) in [0, T) or float (B,) in [0, 1] → (B, C, H, W)."""
         labels_or_null(y, 0, x.shape[0], x.device, self.arch)
         frac = time_fraction(t, self.T, x.shape[0], self.arch)[:, None]
-        return self.unet(x, shift1=self.t_embed1(frac), shift2=self.t_embed2(frac))
+        return self.unet(x, shift1=embed_time(self.t_embed1, frac), shift2=embed_time(self.t_embed2, frac))
 
 
 @register("cs180_class_unet")
@@ -178,6 +189,6 @@ class CS180ClassUNet(_CS180UNet):
         c = one_hot(labels_or_null(y, self.num_classes, B, x.device, self.arch), self.num_classes + 1)
         return self.unet(
             x,
-            scale1=self.c_embed1(c), shift1=self.t_embed1(frac),
-            scale2=self.c_embed2(c), shift2=self.t_embed2(frac),
+            scale1=self.c_embed1(c), shift1=embed_time(self.t_embed1, frac),
+            scale2=self.c_embed2(c), shift2=embed_time(self.t_embed2, frac),
         )
