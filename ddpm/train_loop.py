@@ -155,6 +155,8 @@ class Trainer:
         model = self.net
         if cfg.train.channels_last and self.dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+            if self.ema is not None:  # same strides as the net, or the foreach EMA update falls back to a loop
+                self.ema.to(memory_format=torch.channels_last)
         if self.dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed for the whole run
         if info.world_size > 1:
