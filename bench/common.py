@@ -8,6 +8,7 @@ products, convolutions and attention (2 FLOPs per multiply-add); elementwise wor
 optimizer are not counted, as is usual for MFU.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -98,6 +99,20 @@ def timed(fn, device: torch.device) -> float:
 
 def median_time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+@contextlib.contextmanager
+def cold_compile(device: torch.device):
+    """On CUDA: forget every compiled graph and use an empty inductor cache for the block, so a compiled
+    row pays its whole compilation (a persistent cache would make the second run look free). CPU: no-op."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch._inductor.utils import fresh_cache
+
+    torch._dynamo.reset()
+    with fresh_cache():
+        yield
 
 
 def reset_peak_memory(device: torch.device) -> None:

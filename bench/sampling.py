@@ -90,12 +90,11 @@ def mnist_rows(args, sz, peaks, rows) -> None:
         precision, label = label_of(opts, dev)
 
         def ours(row, opts=opts, precision=precision):
-            if opts:
-                torch._dynamo.reset()
             model = classifier_free_guidance(net, gamma, "gamma")
-            model = compile_for_sampling(model, dev, **opts) if opts else model
-            run = lambda: sample_ddpm(model, sched, (n, 1, 28, 28), y, generator=gen.manual_seed(0))  # noqa: E731
-            fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
+            with common.cold_compile(dev):
+                model = compile_for_sampling(model, dev, **opts) if opts else model
+                run = lambda: sample_ddpm(model, sched, (n, 1, 28, 28), y, generator=gen.manual_seed(0))  # noqa: E731
+                fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
 
         common.run_row(rows, Row(section, name, f"D={D} {label}, 1 batched forward/step"), ours)
 
@@ -136,13 +135,12 @@ def cifar_rows(args, sz, peaks, rows) -> None:
         precision, label = label_of(opts, dev)
 
         def ours(row, opts=opts, precision=precision):
-            if opts:
-                torch._dynamo.reset()
             model = classifier_free_guidance(net, w, "w")
-            model = compile_for_sampling(model, dev, **opts) if opts else model
-            run = lambda: sample_ddim(model, sched, (n, 3, 32, 32), y, steps=steps,  # noqa: E731
-                                      generator=gen.manual_seed(0))
-            fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
+            with common.cold_compile(dev):
+                model = compile_for_sampling(model, dev, **opts) if opts else model
+                run = lambda: sample_ddim(model, sched, (n, 3, 32, 32), y, steps=steps,  # noqa: E731
+                                          generator=gen.manual_seed(0))
+                fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
 
         common.run_row(rows, Row(section, name, f"base={base} {label}, batched CFG"), ours)
 

@@ -25,6 +25,11 @@ def compile_for_sampling(eps_model, device, *, bf16: bool = True, compile: bool 
     - cuda_graphs (only with compile): ``mode="reduce-overhead"`` records the compiled call in a CUDA graph
       and replays it. The output is cloned out of the graph's static buffer, so callers may keep it
       across calls.
+
+    Call it once per model and reuse the result: every wrapper compiles the same function, which dynamo
+    specialises on the wrapped model (and a guidance wrapper's scale); past its recompile limit (8) it
+    silently runs eagerly. A caller looping over guidance scales or checkpoints must keep the scale
+    outside the compiled region or reset dynamo between variants.
     """
     if torch.device(device).type != "cuda" or not (bf16 or compile):
         return eps_model
