@@ -26,7 +26,7 @@ from ddpm.rundir import write_config
 from jobs.evaluate import main as evaluate
 
 CELL, PAD = 28, 2
-FAST = ["--metric-samples", "20", "--table-samples", "4", "--fast-steps", "4"]
+FAST = ["--device", "cpu", "--metric-samples", "20", "--table-samples", "4", "--fast-steps", "4"]
 
 
 def _grid_px(n: int, scale: int) -> int:

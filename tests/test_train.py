@@ -208,7 +208,8 @@ def bad_input_cases(tmp_path, tiny_config, existing_run):
     ]
 
 
-def test_bad_inputs_exit_2_with_one_line_and_touch_nothing(tmp_path, tiny_config, existing_run, capsys):
+def test_bad_inputs_exit_2_with_one_line_and_touch_nothing(tmp_path, tiny_config, existing_run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # train.device=cuda must fail on GPU hosts too
     for argv, pattern in bad_input_cases(tmp_path, tiny_config, existing_run):
         before = snapshot(tmp_path)
         assert train_main(argv) == 2, argv
