@@ -133,20 +133,25 @@ def quality(args, sz, run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ table
 def main() -> int:
-    p = argparse.ArgumentParser(description="MNIST end to end: the course recipe's 20 epochs vs one "
+    p = argparse.ArgumentParser(prog="python -m bench.mnist_end_to_end",
+                                description="MNIST end to end: the course recipe's 20 epochs vs one "
                                             "`python -m jobs.train --config configs/mnist.yaml`, time and quality.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="smoke sizes (10 steps, 10 samples): checks the path only")
-    p.add_argument("--data-root", default="data", help="torchvision root holding MNIST/raw (default: data)")
-    p.add_argument("--classifier", help="MNIST classifier of jobs.train_classifier "
+    p.add_argument("--data-root", default="data", metavar="DIR", help="torchvision root holding MNIST/raw (default: data)")
+    p.add_argument("--classifier", metavar="PATH", help="MNIST classifier of jobs.train_classifier "
                                         "(default: DATA_ROOT/classifiers/mnist_cnn.pt)")
-    p.add_argument("--metric-samples", type=int, help="samples per run for the quality columns (default: 1000)")
+    p.add_argument("--metric-samples", type=int, metavar="N", help="samples per run for the quality columns (default: 1000)")
     p.add_argument("--keep", metavar="DIR", help="write the runs and logs to DIR (new) and keep them; "
                                                  "default: a temporary directory")
     args = p.parse_args()
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available; use --device cpu")
+    if args.device.type == "cpu" and not args.quick:
+        p.error("full sizes need a GPU (the course recipe's 20 epochs take hours on a CPU); add --quick for a "
+                "smoke run")
     if args.metric_samples is not None and args.metric_samples < 10:
         p.error(f"--metric-samples must be >= 10 (one per class), got {args.metric_samples}")
     if not (Path(args.data_root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():

@@ -38,14 +38,19 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
 
 
 def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
-    """Missing classifier, existing --keep dir: exit 2 with a one-line error, nothing trained."""
+    """Missing classifier or data, existing --keep dir, unknown device, full sizes on a CPU: exit 2 with a
+    one-line error, nothing trained."""
     base = [sys.executable, "-m", "bench.mnist_end_to_end", "--device", "cpu", "--quick", "--data-root", str(mnist_root)]
     (tmp_path / "kept").mkdir()
     marker = tmp_path / "kept" / "mine.txt"
     marker.write_text("keep me")
     cases = [(["--classifier", str(tmp_path / "none.pt")], "no MNIST classifier at"),
              (["--classifier", str(marker), "--keep", str(tmp_path / "kept")], "already exists"),
-             (["--classifier", str(marker), "--data-root", str(tmp_path)], "MNIST not found")]
+             (["--classifier", str(marker), "--data-root", str(tmp_path)], "MNIST not found"),
+             (["--device", "tpu"], "invalid choice")]
+    full_size_on_cpu = [a for a in base if a != "--quick"]
+    proc = subprocess.run(full_size_on_cpu, cwd=ROOT, env=python_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "full sizes need a GPU" in proc.stderr.strip().splitlines()[-1], proc.stderr
     for extra, message in cases:
         proc = subprocess.run([*base, *extra], cwd=ROOT, env=python_env(), capture_output=True, text=True)
         assert proc.returncode == 2, (extra, proc.stderr)
