@@ -8,6 +8,7 @@ resumed run therefore repeats an uninterrupted one bit for bit (on CPU; CUDA ker
 deterministic).
 """
 import copy
+import datetime
 import math
 import time
 
@@ -179,6 +180,7 @@ class Trainer:
         bad = torch.zeros((), device=self.dev, dtype=torch.bool)
         grad_norm = torch.zeros((), device=self.dev)
         t_last, step_last = time.perf_counter(), self.step
+        t_start, step_start = t_last, self.step
         with PreemptionHandler() as preempt:
             while self.step < self.total:
                 step = self.step
@@ -239,7 +241,10 @@ class Trainer:
         progress.close()
         self.write_samples(logger)
         logger.close()
-        print0(f"done: {self.total} steps, run dir {self.run_dir}")
+        wall = time.perf_counter() - t_start
+        ips = (self.total - step_start) * cfg.train.batch_size / max(wall, 1e-9)
+        print0(f"done: {self.total} steps, run dir {self.run_dir} ({self.total - step_start} steps in "
+               f"{datetime.timedelta(seconds=round(wall))}: {ips:,.0f} img/s on average, everything included)")
         return 0
 
     def update_ema(self, step: int) -> None:

@@ -119,7 +119,11 @@ def test_sigusr2_checkpoints_exits_75_and_resumes_bit_exact(tiny_config, tmp_pat
     assert proc.returncode == 75, out
     stopped = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 7 <= stopped < 20 and f"at step {stopped}: checkpoint saved" in out
-    assert f"resuming at step {stopped}" in resume_in_subprocess(tiny_config, run)
+    out = resume_in_subprocess(tiny_config, run)
+    assert f"resuming at step {stopped}" in out
+    # The last line sums up the run this process did: its steps, wall time and average throughput.
+    assert re.search(rf"done: 20 steps, run dir .* \({20 - stopped} steps in \d:\d\d:\d\d: [\d,]+ img/s on average",
+                     out), out
     steps_once(run, 20)
     assert_same_weights(final_weights(run), final_weights(reference))
 
