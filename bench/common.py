@@ -25,13 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 PEAK_TFLOPS = (("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("H200", 989.0, 67.0))
 
 
-def parse_args(description: str, extra=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when available)")
+def parse_args(prog: str, description: str, extra=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="smoke sizes: tiny nets, batches and step counts")
-    p.add_argument("--which", default="mnist,cifar", help="comma-separated sections: mnist, cifar")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median is reported)")
+    p.add_argument("--which", default="mnist,cifar", metavar="SECTIONS", help="comma-separated sections: mnist, cifar")
+    p.add_argument("--repeats", type=int, default=None, metavar="N", help="timed repeats per row (median is reported)")
     p.add_argument("--peak-tflops", default=None, metavar="BF16,FP32",
                    help="dense peak TFLOP/s for MFU (default: table for H100/H200; CPU prints n/a)")
     if extra:

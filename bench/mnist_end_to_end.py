@@ -110,7 +110,8 @@ def train_ours(args, sz, run_dir: Path, cache: Path) -> dict:
     cuda = args.device.type == "cuda"
     label = "+".join([cfg.train.precision] + (["compile"] if cfg.train.compile else [])) if cuda else "fp32 eager"
     return dict(wall=wall, images=steps * cfg.train.batch_size, memory=f"{mem:.2f} GiB" if mem else "-",
-                config=f"D={cfg.model['hidden']} b{cfg.train.batch_size} {label}, data on the {args.device.type}, {steps} steps",
+                config=f"D={cfg.model['hidden']} b{cfg.train.batch_size} {label}, data on the {args.device.type}, "
+                       f"{steps} steps",
                 compiled=cuda and cfg.train.compile)
 
 
@@ -139,10 +140,12 @@ def main() -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="smoke sizes (10 steps, 10 samples): checks the path only")
-    p.add_argument("--data-root", default="data", metavar="DIR", help="torchvision root holding MNIST/raw (default: data)")
-    p.add_argument("--classifier", metavar="PATH", help="MNIST classifier of jobs.train_classifier "
-                                        "(default: DATA_ROOT/classifiers/mnist_cnn.pt)")
-    p.add_argument("--metric-samples", type=int, metavar="N", help="samples per run for the quality columns (default: 1000)")
+    p.add_argument("--data-root", default="data", metavar="DIR",
+                   help="torchvision root holding MNIST/raw (default: data)")
+    p.add_argument("--classifier", metavar="PATH",
+                   help="MNIST classifier of jobs.train_classifier (default: DATA_ROOT/classifiers/mnist_cnn.pt)")
+    p.add_argument("--metric-samples", type=int, metavar="N",
+                   help="samples per run for the quality columns (default: 1000)")
     p.add_argument("--keep", metavar="DIR", help="write the runs and logs to DIR (new) and keep them; "
                                                  "default: a temporary directory")
     args = p.parse_args()

@@ -146,7 +146,8 @@ def cifar_rows(args, sz, peaks, rows) -> None:
 
 
 def main() -> int:
-    args = common.parse_args("Sampling speed: course loop / diffusers DDIM vs ddpm.sampling.")
+    args = common.parse_args("python -m bench.sampling",
+                             "Sampling speed: course loop / diffusers DDIM vs ddpm.sampling.")
     sz = sizes(args.quick)
     if args.repeats:
         sz["repeats"] = args.repeats

@@ -207,12 +207,14 @@ def print_flop_reference() -> None:
 
 def main() -> int:
     def extra(p):
-        p.add_argument("--data-root", default="data", help="torchvision root holding MNIST/raw (default: data)")
+        p.add_argument("--data-root", default="data", metavar="DIR",
+                       help="torchvision root holding MNIST/raw (default: data)")
         p.add_argument("--ablations", action="store_true",
                        help="CUDA: also MNIST rows from the recipe's fp32 eager batch 128 to our config, one change "
                             "at a time, and + channels_last")
 
-    args = common.parse_args("Training throughput: course recipe / diffusers vs the ddpm-hpc Trainer.", extra)
+    args = common.parse_args("python -m bench.train_throughput",
+                             "Training throughput: course recipe / diffusers vs the ddpm-hpc Trainer.", extra)
     sz = sizes(args.quick)
     if args.repeats:
         sz["repeats"] = args.repeats
