@@ -222,10 +222,19 @@ def diffusers_status() -> tuple[str | None, str]:
     return diffusers.__version__, ""
 
 
-def diffusers_runs(dev) -> tuple[str | None, list[tuple[bool, str | None]]]:
-    """diffusers' version (None if absent) and, in table order, (bf16, why it is skipped or None) for
-    each diffusers baseline row: fp32 always, bf16 autocast only on CUDA."""
+def diffusers_rows(rows: list[Row], section: str, dev, name: str, config, fill) -> None:
+    """The diffusers rows of a section: "baseline: NAME" in fp32, then NAME with bf16 autocast (CUDA only).
+
+    config(bf16) → the config cell; fill(row, bf16, version) measures. Without diffusers, or bf16 on the
+    CPU, the row says why it was skipped.
+    """
     version, why = diffusers_status()
+    base_name = f"baseline: {name}"
     if version is None:
-        return None, [(False, why)]
-    return version, [(False, None), (True, None if dev.type == "cuda" else "bf16 autocast is benchmarked on CUDA only")]
+        rows.append(Row(section, base_name, config(False), note=f"skipped: {why}"))
+        return
+    run_row(rows, Row(section, base_name, config(False), baseline=True), lambda row: fill(row, False, version))
+    if dev.type != "cuda":
+        rows.append(Row(section, name, config(True), note="skipped: bf16 autocast is benchmarked on CUDA only"))
+        return
+    run_row(rows, Row(section, name, config(True)), lambda row: fill(row, True, version))

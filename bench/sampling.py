@@ -66,6 +66,20 @@ def label_of(opts, device) -> tuple[str, str]:
     return "bf16", "+".join(parts)
 
 
+def our_rows(rows, section: str, config: str, guided, sample, device, n: int, repeats: int, flops: float, peaks):
+    """One row per variant: time sample(model), model = the guided eps model as the variant compiles it.
+    config: the config cell, with {label} for the variant's precision/compile label."""
+    for name, opts in variants(device):
+        precision, label = label_of(opts, device)
+
+        def ours(row, opts=opts, precision=precision):
+            with common.cold_compile(device):  # a compiled row pays its whole compilation
+                model = compile_for_sampling(guided, device, **opts) if opts else guided
+                fill(row, lambda: sample(model), device, n, repeats, flops, precision, peaks, compiled=bool(opts))
+
+        common.run_row(rows, Row(section, name, config.format(label=label)), ours)
+
+
 # ---------------------------------------------------------------------------------------------- MNIST
 def mnist_rows(args, sz, peaks, rows) -> None:
     dev, D, n, T, gamma = args.device, sz["hidden"], sz["mnist_n"], sz["T"], 5.0
@@ -86,17 +100,10 @@ def mnist_rows(args, sz, peaks, rows) -> None:
 
     sched = NoiseSchedule.make("linear", T, 1e-4, 0.02)
     y = labels.to(dev)
-    for name, opts in variants(dev):
-        precision, label = label_of(opts, dev)
-
-        def ours(row, opts=opts, precision=precision):
-            model = classifier_free_guidance(net, gamma, "gamma")
-            with common.cold_compile(dev):
-                model = compile_for_sampling(model, dev, **opts) if opts else model
-                run = lambda: sample_ddpm(model, sched, (n, 1, 28, 28), y, generator=gen.manual_seed(0))  # noqa: E731
-                fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
-
-        common.run_row(rows, Row(section, name, f"D={D} {label}, 1 batched forward/step"), ours)
+    our_rows(rows, section, f"D={D} {{label}}, 1 batched forward/step",
+             classifier_free_guidance(net, gamma, "gamma"),
+             lambda model: sample_ddpm(model, sched, (n, 1, 28, 28), y, generator=gen.manual_seed(0)),
+             dev, n, sz["repeats"], flops, peaks)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
@@ -105,44 +112,28 @@ def cifar_rows(args, sz, peaks, rows) -> None:
     section = f"CIFAR sample {n} img DDIM-{steps} CFG"
     labels = torch.arange(n) % 10
     gen = torch.Generator(device=dev)
-    version, runs = common.diffusers_runs(dev)
 
-    for bf16, skipped in runs:
-        name = "diffusers DDIM" if bf16 else "baseline: diffusers DDIM"
-        config = f"base={base} {'bf16 autocast' if bf16 else 'fp32'}, batched CFG"
-        if skipped:
-            rows.append(Row(section, name, config, note=f"skipped: {skipped}"))
-            continue
+    def diffusers_row(row, bf16, version):
+        torch.manual_seed(0)
+        net = diffusers_baseline.ddpm_cifar10_unet(base).to(dev).eval()
+        per_eval = common.flops_per_image(lambda: diffusers_baseline.ddpm_cifar10_unet(base), (3, 32, 32),
+                                          diffusers_baseline.forward, backward=False)
+        run = lambda: diffusers_baseline.sample_ddim_cfg(net, labels, steps, w, dev,  # noqa: E731
+                                                         gen.manual_seed(0), bf16=bf16)
+        fill(row, run, dev, n, sz["repeats"], per_eval * 2 * steps, "bf16" if bf16 else "fp32", peaks, False)
+        row.note = f"diffusers {version}"
 
-        def diffusers_row(row, bf16=bf16):
-            torch.manual_seed(0)
-            net = diffusers_baseline.ddpm_cifar10_unet(base).to(dev).eval()
-            per_eval = common.flops_per_image(lambda: diffusers_baseline.ddpm_cifar10_unet(base), (3, 32, 32),
-                                              diffusers_baseline.forward, backward=False)
-            run = lambda: diffusers_baseline.sample_ddim_cfg(net, labels, steps, w, dev,  # noqa: E731
-                                                             gen.manual_seed(0), bf16=bf16)
-            fill(row, run, dev, n, sz["repeats"], per_eval * 2 * steps, "bf16" if bf16 else "fp32", peaks, False)
-            row.note = f"diffusers {version}"
-
-        common.run_row(rows, Row(section, name, config, baseline=not bf16), diffusers_row)
+    common.diffusers_rows(rows, section, dev, "diffusers DDIM",
+                          lambda bf16: f"base={base} {'bf16 autocast' if bf16 else 'fp32'}, batched CFG", diffusers_row)
 
     torch.manual_seed(0)
     net = build_net("cifar_unet", base=base).to(dev).eval()
     flops = common.flops_per_image(lambda: build_net("cifar_unet", base=base), (3, 32, 32), backward=False) * 2 * steps
     sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
     y = labels.to(dev)
-    for name, opts in variants(dev):
-        precision, label = label_of(opts, dev)
-
-        def ours(row, opts=opts, precision=precision):
-            model = classifier_free_guidance(net, w, "w")
-            with common.cold_compile(dev):
-                model = compile_for_sampling(model, dev, **opts) if opts else model
-                run = lambda: sample_ddim(model, sched, (n, 3, 32, 32), y, steps=steps,  # noqa: E731
-                                          generator=gen.manual_seed(0))
-                fill(row, run, dev, n, sz["repeats"], flops, precision, peaks, compiled=bool(opts))
-
-        common.run_row(rows, Row(section, name, f"base={base} {label}, batched CFG"), ours)
+    our_rows(rows, section, f"base={base} {{label}}, batched CFG", classifier_free_guidance(net, w, "w"),
+             lambda model: sample_ddim(model, sched, (n, 3, 32, 32), y, steps=steps, generator=gen.manual_seed(0)),
+             dev, n, sz["repeats"], flops, peaks)
 
 
 def main() -> int:

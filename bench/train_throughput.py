@@ -142,41 +142,34 @@ def mnist_rows(args, sz, peaks, rows) -> None:
 def cifar_rows(args, sz, peaks, rows) -> None:
     dev, base = args.device, sz["cifar_base"]
     section = "CIFAR train"
-    version, runs = common.diffusers_runs(dev)
     b0 = sz["cifar_batches"][0]
     gen = torch.Generator().manual_seed(0)
     n_images = max(4 * max(sz["cifar_batches"]), 1024 if not args.quick else 16)
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (n_images,), generator=gen)
 
-    for bf16, skipped in runs:
-        name = "diffusers UNet2DModel" if bf16 else "baseline: diffusers UNet2DModel"
-        config = f"base={base} b{b0} {'bf16 autocast' if bf16 else 'fp32'}"
-        if skipped:
-            rows.append(Row(section, name, config, note=f"skipped: {skipped}"))
-            continue
+    def diffusers_row(row, bf16, version):
+        torch.backends.cudnn.benchmark = False  # PyTorch's default, as in diffusers' training example
+        torch.manual_seed(0)
+        net = diffusers_baseline.ddpm_cifar10_unet(base)
+        flops = common.flops_per_image(lambda: diffusers_baseline.ddpm_cifar10_unet(base), (3, 32, 32),
+                                       diffusers_baseline.forward)
+        trainer = diffusers_baseline.DiffusersTrainer(net, dev, bf16)
+        pool = (images[:4 * b0].to(dev).float() / 127.5 - 1, labels[:4 * b0].to(dev))
+        k = iter(range(10 ** 9))
 
-        def diffusers_row(row, bf16=bf16):
-            torch.backends.cudnn.benchmark = False  # PyTorch's default, as in diffusers' training example
-            torch.manual_seed(0)
-            net = diffusers_baseline.ddpm_cifar10_unet(base)
-            flops = common.flops_per_image(lambda: diffusers_baseline.ddpm_cifar10_unet(base), (3, 32, 32),
-                                           diffusers_baseline.forward)
-            trainer = diffusers_baseline.DiffusersTrainer(net, dev, bf16)
-            pool = (images[:4 * b0].to(dev).float() / 127.5 - 1, labels[:4 * b0].to(dev))
-            k = iter(range(10 ** 9))
+        def next_batch():
+            i = next(k) % 4
+            return pool[0][i * b0:(i + 1) * b0], pool[1][i * b0:(i + 1) * b0]
 
-            def next_batch():
-                i = next(k) % 4
-                return pool[0][i * b0:(i + 1) * b0], pool[1][i * b0:(i + 1) * b0]
+        common.reset_peak_memory(dev)
+        sps = steps_per_second(trainer.step, next_batch, dev, sz["warmup"], sz["steps"], sz["repeats"])
+        row.images_per_s, row.memory = sps * b0, common.peak_memory(dev)
+        row.mfu = common.mfu(flops * row.images_per_s, "bf16" if bf16 else "fp32", peaks)
+        row.note = f"diffusers {version}, {flops / 1e9:.1f} GFLOP/img"
 
-            common.reset_peak_memory(dev)
-            sps = steps_per_second(trainer.step, next_batch, dev, sz["warmup"], sz["steps"], sz["repeats"])
-            row.images_per_s, row.memory = sps * b0, common.peak_memory(dev)
-            row.mfu = common.mfu(flops * row.images_per_s, "bf16" if bf16 else "fp32", peaks)
-            row.note = f"diffusers {version}, {flops / 1e9:.1f} GFLOP/img"
-
-        common.run_row(rows, Row(section, name, config, baseline=not bf16), diffusers_row)
+    common.diffusers_rows(rows, section, dev, "diffusers UNet2DModel",
+                          lambda bf16: f"base={base} b{b0} {'bf16 autocast' if bf16 else 'fp32'}", diffusers_row)
 
     flops = common.flops_per_image(lambda: build_net("cifar_unet", base=base), (3, 32, 32))
     for batch in sz["cifar_batches"]:
@@ -190,7 +183,6 @@ def cifar_rows(args, sz, peaks, rows) -> None:
             row.note = f"{warmup_label(dev)} {r['first_extra']:.1f} s; {flops / 1e9:.1f} GFLOP/img"
 
         common.run_row(rows, Row(section, "ours: Trainer, configs/cifar10.yaml", ""), ours)
-
 
 
 def print_flop_reference() -> None:
