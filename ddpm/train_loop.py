@@ -244,7 +244,8 @@ class Trainer:
         wall = time.perf_counter() - t_start
         ips = (self.total - step_start) * cfg.train.batch_size / max(wall, 1e-9)
         print0(f"done: {self.total} steps, run dir {self.run_dir} ({self.total - step_start} steps in "
-               f"{datetime.timedelta(seconds=round(wall))}: {ips:,.0f} img/s on average, compilation, checkpoints and samples included)")
+               f"{datetime.timedelta(seconds=round(wall))}: {ips:,.0f} img/s on average, compilation, checkpoints "
+               "and samples included)")
         return 0
 
     def update_ema(self, step: int) -> None:
