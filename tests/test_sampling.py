@@ -60,7 +60,8 @@ def test_ddpm_forms_agree_on_same_noise():
     a = S.sample_ddpm(eps, SCHED, (4, 1, 2, 2), y, generator=gen(7), form="eps")
     b = S.sample_ddpm(eps, SCHED, (4, 1, 2, 2), y, generator=gen(7), form="x0")
     assert torch.allclose(a, b, atol=1e-4)
-    assert not torch.allclose(a, S.sample_ddpm(eps, SCHED, (4, 1, 2, 2), y, generator=gen(8)), atol=1e-2)
+    other = S.sample_ddpm(eps, SCHED, (4, 1, 2, 2), y, generator=gen(8))
+    assert (a - other).abs().max().item() > 0.1  # other noise, other samples (SD = 0.5): far above rounding
 
 
 def test_class_conditional_sampling_routes_labels():
