@@ -44,7 +44,8 @@ def sizes(quick: bool) -> dict:
     if quick:  # smoke sizes for a 2-core CPU: every code path, seconds in all
         return dict(hidden=16, course_batch=32, ours_batch=32, warmup=1, steps=2, repeats=1, every=2, intervals=1,
                     cifar_base=32, cifar_batches=(2, 4))
-    return dict(hidden=64, course_batch=128, ours_batch=512, warmup=10, steps=50, repeats=5, every=50, intervals=5,
+    # ours_batch None: the config's own batch (512 on a GPU, its on_cpu batch on a CPU).
+    return dict(hidden=64, course_batch=128, ours_batch=None, warmup=10, steps=50, repeats=5, every=50, intervals=5,
                 cifar_base=128, cifar_batches=(128, 512))
 
 
@@ -84,9 +85,9 @@ def warmup_label(device) -> str:
 
 def precision_label(cfg, device) -> tuple[str, str]:
     """(precision for MFU, human label) of a Trainer config on this device."""
-    if device.type != "cuda":
-        return "fp32", "fp32 eager (bf16/compile are CUDA-only)"
     t = cfg.train
+    if device.type != "cuda":
+        return "fp32", "fp32 eager" + ("+channels_last" if t.channels_last else "") + " (bf16/compile: CUDA only)"
     parts = [t.precision] + (["compile"] if t.compile else ["eager"]) + (["channels_last"] if t.channels_last else [])
     return t.precision, "+".join(parts)
 
@@ -122,10 +123,17 @@ def mnist_rows(args, sz, peaks, rows) -> None:
             ("ours: + bf16 (eager)", ["train.compile=false"]),
             ("ours: + channels_last (with compile)", ["train.channels_last=true"]),
         ]
+    elif args.ablations:
+        # CPU: what the on_cpu section's two choices are worth, one at a time, at the recipe's batch.
+        variants += [
+            ("ours: recipe batch, NCHW", [f"train.batch_size={sz['course_batch']}", "train.channels_last=false"]),
+            ("ours: recipe batch, + channels_last", [f"train.batch_size={sz['course_batch']}"]),
+        ]
     for name, overrides in variants:
         def ours(row, overrides=overrides):
-            r = run_trainer("mnist.yaml", [f"data.root={args.data_root}", f"model.hidden={D}",
-                                           f"train.batch_size={sz['ours_batch']}", *overrides], dev, sz)
+            batch = [f"train.batch_size={sz['ours_batch']}"] if sz["ours_batch"] else []
+            r = run_trainer("mnist.yaml", [f"data.root={args.data_root}", f"model.hidden={D}", *batch, *overrides],
+                            dev, sz)
             precision, label = precision_label(r["cfg"], dev)
             b = r["cfg"].train.batch_size
             row.config = f"D={D} b{b} {label}"
@@ -202,8 +210,8 @@ def main() -> int:
         p.add_argument("--data-root", default="data", metavar="DIR",
                        help="torchvision root holding MNIST/raw (default: data)")
         p.add_argument("--ablations", action="store_true",
-                       help="CUDA: also MNIST rows from the recipe's fp32 eager batch 128 to our config, one change "
-                            "at a time, and + channels_last")
+                       help="also MNIST rows that separate the gains, one change per row (CUDA: from the recipe's "
+                            "fp32 eager batch 128 to our config, and + channels_last; CPU: batch and channels_last)")
 
     args = common.parse_args("python -m bench.train_throughput",
                              "Training throughput: course recipe / diffusers vs the ddpm-hpc Trainer.", extra)

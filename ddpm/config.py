@@ -3,6 +3,7 @@
 Every error is a :class:`UserError` whose one-line message names the key and the fix. The resolved
 config is plain data (``to_dict``) and is written to ``RUN_DIR/config.json`` by the training job.
 """
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -53,7 +54,7 @@ class TrainConfig:
     ema_decay: float = 0.999            # 0 disables EMA
     precision: str = "fp32"             # fp32 | bf16 (autocast; CUDA only, fp32 on CPU)
     compile: bool = False               # torch.compile the net (CUDA only)
-    channels_last: bool = False         # channels_last memory format (CUDA only)
+    channels_last: bool = False         # channels_last memory format (CPU and CUDA)
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0
 
@@ -132,12 +133,20 @@ RANGES = {
     "sample.steps": (0, None, True), "sample.per_class": (1, None, True),
 }
 DATASET_SHAPES = {"mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
+CLASS_NAMES = {"mnist": tuple("0123456789"),
+               "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")}
 # Injected from data/diffusion; a config may not set them.
 DERIVED_NET_KEYS = ("in_channels", "image_size", "T")
 
 
-def load_config(path, overrides=()) -> Config:
-    """Read a YAML config, apply ``key.sub=value`` overrides, validate; raise UserError on any problem."""
+def load_config(path, overrides=(), device: str | None = None) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate; raise UserError on any problem.
+
+    A file may hold an ``on_cpu:`` section (the same sections as the file, e.g. ``on_cpu: {train:
+    {batch_size: 64}}``): it is merged over the file when the run trains on a CPU, before the overrides,
+    and is always validated. ``device`` (cpu | cuda) says where the run will train; by default
+    ``train.device`` decides, ``auto`` meaning cuda when this machine has a GPU.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. --config configs/mnist.yaml")
@@ -151,6 +160,9 @@ def load_config(path, overrides=()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of sections (data:, model:, train:, ...)")
     parsed = [parse_override(item) for item in overrides]
+    on_cpu = raw.pop("on_cpu", None)
+    if on_cpu is not None:
+        raw = _merge_on_cpu(raw, on_cpu, path, _training_device(raw, dict(parsed), device) == "cpu")
     for key, value in parsed:
         # Overriding the run length in steps replaces a length in epochs from the file, and vice versa.
         other = {"train.steps": "epochs", "train.epochs": "steps"}.get(key)
@@ -158,6 +170,33 @@ def load_config(path, overrides=()) -> Config:
             raw["train"].pop(other, None)
         _set_path(raw, key, value)
     return from_dict(raw)
+
+
+def _training_device(raw: dict, overrides: dict, device: str | None) -> str:
+    """cpu or cuda: where a run of this (not yet validated) config trains."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    wanted = str(overrides.get("train.device", train.get("device", "auto")))
+    if wanted != "auto":
+        return "cpu" if wanted == "cpu" else "cuda"
+    if device is not None:
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _merge_on_cpu(raw: dict, on_cpu, path: Path, apply: bool) -> dict:
+    """``raw`` with the ``on_cpu`` section merged over it if ``apply``; validated either way."""
+    if not isinstance(on_cpu, dict) or not all(isinstance(v, dict) for v in on_cpu.values()):
+        raise UserError(f"on_cpu in {path} must hold sections like the file itself, e.g. on_cpu: {{train: {{batch_size: 64}}}}")
+    merged = {**raw, **{name: {**(raw.get(name) or {}), **section} for name, section in on_cpu.items()}}
+    length = {"steps", "epochs"} & (on_cpu.get("train") or {}).keys()
+    if length:  # a run length in on_cpu replaces the file's, as an override does
+        merged["train"] = {k: v for k, v in merged["train"].items() if k in length or k not in ("steps", "epochs")}
+    try:  # on every device, so that a mistake in it shows on the GPU machine too
+        from_dict(copy.deepcopy(merged))
+    except UserError as e:
+        raise UserError(f"on_cpu in {path}: {e}") from None
+    return merged if apply else raw
 
 
 def parse_override(item: str) -> tuple[str, object]:

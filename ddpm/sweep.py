@@ -84,7 +84,7 @@ def plan_jobs(config, overrides: list[str], sweep_items: list[str], run_root, wo
     cfgs = []
     for combo in expand_sweeps(sweeps):
         try:
-            cfg = load_config(config, [*overrides, *combo])
+            cfg = load_config(config, [*overrides, *combo], device="cuda" if gpus else "cpu")
         except UserError as e:
             raise UserError(f"{'sweep value ' + ' '.join(combo) + ': ' if combo else ''}{e}") from None
         if cfg.train.batch_size % world_size:

@@ -154,7 +154,7 @@ class Trainer:
     def run(self) -> int:
         cfg, info = self.cfg, self.info
         model = self.net
-        if cfg.train.channels_last and self.dev.type == "cuda":
+        if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
             if self.ema is not None:  # same strides as the net, or the foreach EMA update falls back to a loop
                 self.ema.to(memory_format=torch.channels_last)
@@ -187,7 +187,7 @@ class Trainer:
                 torch.manual_seed(mix_seed(cfg.train.seed, _DROPOUT_STREAM, step, info.rank))
                 x, y = self.batcher.batch(step)
                 noise, t, drop = self.draws(step, x.shape)
-                if cfg.train.channels_last and self.dev.type == "cuda":
+                if cfg.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with self.autocast:
                     per_sample = self.loss(model, x, y, noise, t, drop)

@@ -94,18 +94,21 @@ def test_file_errors(tmp_path):
 
 
 def test_run_dir_naming_and_resume_rules(tmp_path):
-    cfg = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}"])
+    cfg = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}"], device="cuda")
     first = default_run_dir(cfg)
     assert first.name == "00000-mnist-cond-cfg-b512"
+    assert default_run_dir(load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}"], device="cpu")).name \
+        == "00000-mnist-cond-cfg-b64"  # its on_cpu batch
     (tmp_path / "00007-other-b4").mkdir()
     assert default_run_dir(cfg).name == "00008-mnist-cond-cfg-b512"
     run = tmp_path / "run"
     assert prepare_run_dir(cfg, run) == (run, False)
     write_config(run, cfg)
     assert prepare_run_dir(cfg, run) == (run, True)
-    longer = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.epochs=40", "log.every=7"])
+    longer = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.epochs=40", "log.every=7"],
+                         device="cuda")
     assert prepare_run_dir(longer, run) == (run, True)   # extending a run or changing logging resumes
-    other = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.lr=5e-4"])
+    other = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.lr=5e-4"], device="cuda")
     with pytest.raises(UserError, match=r"different config \(differs in train.lr\).*--force"):
         prepare_run_dir(other, run)
     assert prepare_run_dir(other, run, force=True) == (run, True)
@@ -115,3 +118,33 @@ def test_run_dir_naming_and_resume_rules(tmp_path):
     (junk / "file").write_text("x")
     with pytest.raises(UserError, match="not a run directory"):
         prepare_run_dir(cfg, junk)
+
+
+def test_on_cpu_section_applies_on_a_cpu_only_and_overrides_still_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {arch: cs180_class_unet, hidden: 8}\ntrain: {batch_size: 512, epochs: 2, lr: 2.0e-3}\n"
+                    "on_cpu: {train: {batch_size: 64, steps: 7}, log: {every: 3}}\n")
+    gpu, cpu = load_config(path, device="cuda"), load_config(path, device="cpu")
+    assert (gpu.train.batch_size, gpu.train.epochs, gpu.train.steps, gpu.log.every) == (512, 2, None, 50)
+    assert (cpu.train.batch_size, cpu.train.epochs, cpu.train.steps, cpu.log.every) == (64, None, 7, 3)
+    assert cpu.train.lr == 2e-3  # what on_cpu does not name stays as in the file
+    assert load_config(path, ["train.batch_size=32"], device="cpu").train.batch_size == 32
+    assert load_config(path, ["train.device=cpu"], device="cuda").train.batch_size == 64  # train.device decides
+    assert load_config(path, ["train.device=cuda"], device="cpu").train.batch_size == 512
+    assert "on_cpu" not in cpu.to_dict()  # config.json holds the resolved values only
+    shipped = load_config(ROOT / "configs/mnist.yaml", device="cpu")
+    assert (shipped.train.batch_size, shipped.train.channels_last) == (64, True)
+
+
+@pytest.mark.parametrize("section, match", [
+    ("on_cpu: {train: {batch_sise: 64}}", r"on_cpu in .*: unknown config key train.batch_sise \(did you mean"),
+    ("on_cpu: {train: {lr: -1}}", r"on_cpu in .*: train.lr must be in"),
+    ("on_cpu: [1, 2]", "on_cpu in .* must hold sections like the file itself"),
+])
+def test_a_bad_on_cpu_section_fails_on_every_device(tmp_path, section, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{arch: cs180_class_unet, hidden: 8}}\ntrain: {{steps: 5}}\n{section}\n")
+    for device in ("cuda", "cpu"):
+        with pytest.raises(UserError, match=match) as e:
+            load_config(path, device=device)
+        assert "\n" not in str(e.value)
