@@ -148,3 +148,9 @@ def test_a_bad_on_cpu_section_fails_on_every_device(tmp_path, section, match):
         with pytest.raises(UserError, match=match) as e:
             load_config(path, device=device)
         assert "\n" not in str(e.value)
+
+
+def test_quickstart_samples_enough_to_score_its_guided_digits():
+    """The quick-start's last event holds >= 200 samples at gamma=5 (bench/quality.py scores them)."""
+    cfg = load_config(ROOT / "ddpm/quickstart.yaml", device="cpu")
+    assert cfg.sample.convention == "gamma" and 5.0 in cfg.sample.guidance and cfg.sample.per_class * 10 >= 200
