@@ -15,10 +15,10 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import archive, diffusion
+from ddpm import archive, diffusion, figures
 from ddpm.compile_cache import use_persistent_cache
 from ddpm.checkpoint import CheckpointManager, clean_state_dict
-from ddpm.config import Config
+from ddpm.config import CLASS_NAMES, Config
 from ddpm.data import StepBatcher, load_dataset, to_unit
 from ddpm.dist import DistInfo, barrier, print0, reduce_mean
 from ddpm.errors import UserError
@@ -90,6 +90,7 @@ class Trainer:
         self.ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
         self.step = 0
         self.resumed = False
+        self.grids = []  # sample-grid PNGs written by this process, oldest first
         self.gen = torch.Generator(device=self.dev)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.precision == "bf16")
 
@@ -309,9 +310,37 @@ class Trainer:
             images = to_uint8(to_unit(x.float(), norm) * 2 - 1)
             archive.write_samples(self.run_dir / "samples.h5", f"train/step_{self.step:09d}/{name}", images,
                                   labels.numpy(), {**base, **attrs})
-            logger.log_image(self.step, f"samples/{name}", make_grid(images, nrow=s.per_class))
+            grid = make_grid(images, nrow=s.per_class)
+            logger.log_image(self.step, f"samples/{name}", grid)
+            self.write_grid_png(name, grid, len(images), attrs, ema=net is self.ema)
         net.train(was_training)
         barrier()
+
+    def write_grid_png(self, name: str, grid, n: int, attrs: dict, ema: bool) -> None:
+        """RUN_DIR/samples/step_XXXXXXXXX_<name>.png: the event's grid (n images, per_class a row) with a
+        title and, for class-conditional samples, the class names as row labels. A picture is not
+        essential: failing to write it is a warning, never the end of the run."""
+        cfg, s = self.cfg, self.cfg.sample
+        path = self.run_dir / "samples" / f"step_{self.step:09d}_{name}.png"
+        conditional = attrs.get("guidance_scale") is not None
+        if conditional:
+            symbol = "γ" if s.convention == "gamma" else "w"
+            what = f"{symbol}={attrs['guidance_scale']:g} (guidance convention {s.convention})"
+        else:
+            what = str(attrs.get("sampler")).replace("_", " ")
+        steps = f", {attrs['steps']} steps" if attrs.get("steps") else ""
+        cols = min(s.per_class, n)
+        title = [f"{cfg.name} · step {self.step}: {what}",
+                 f"{attrs.get('sampler')}{steps} · {'EMA' if ema else 'raw'} weights · {cols} samples per row"]
+        try:
+            path.parent.mkdir(exist_ok=True)
+            figures.grid_figure(path, grid, title=title, rows=math.ceil(n / cols), cols=cols,
+                                row_labels=list(CLASS_NAMES[cfg.data.dataset]) if conditional else None,
+                                ylabel="requested class" if conditional else "")
+        except OSError as e:
+            print0(f"warning: could not write the sample grid {path} ({e}); training goes on")
+            return
+        self.grids.append(path)
 
 
 class TrainingDiverged(Exception):

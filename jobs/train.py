@@ -7,6 +7,7 @@ Giving an existing run directory resumes it (this is how a requeued SLURM job co
 """
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def main(argv=None) -> int:
                 trainer.load_checkpoint()
             if info.is_main and (not resume or args.force):
                 rundir.write_config(run_dir, cfg)
-            return trainer.run()
+            rc = trainer.run()
+            if rc == 0 and info.is_main:
+                print(closing_lines(run_dir, trainer.grids), flush=True)
+            return rc
         except TrainingDiverged as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -66,6 +70,19 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def closing_lines(run_dir: Path, grids: list) -> str:
+    """Where to look and what to run next, after the done: line."""
+    lines = []
+    if grids:
+        last = grids[-1]
+        same_step = [g.name for g in grids[:-1] if g.name.split("_")[1] == last.name.split("_")[1]]
+        lines.append(f"samples: {last}" + (f" (also {', '.join(same_step)})" if same_step else ""))
+    q = shlex.quote
+    lines += ["next:", f"  python -m jobs.evaluate {q(str(run_dir))}   # guidance grid, loss curves, GIFs, metrics",
+              f"  python -m jobs.tensorboard {q(str(run_dir.parent))}   # curves and grids in a browser (prints the ssh tunnel)"]
+    return "\n".join(lines)
 
 
 def _agree_on_run_dir(run_dir, info):

@@ -3,6 +3,7 @@ fallback, DDP equivalence, and the bad inputs that must exit 2 and touch nothing
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import h5py
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, python_env
 from ddpm.archive import list_groups
@@ -88,6 +90,12 @@ def test_uninterrupted_run_layout(reference):
         assert list(g["labels"][:]) == list(range(10))
         assert g.attrs["guidance_scale"] == 3.0 and g.attrs["guidance_convention"] == "gamma"
         assert g.attrs["step"] == 20 and bool(g.attrs["ema"])
+    # Every sampling event also leaves a labelled PNG per scale: 10 rows (classes) of per_class=1 images,
+    # drawn 2x, with a title above and the class names left of the grid.
+    pngs = sorted(p.name for p in (reference / "samples").iterdir())
+    assert pngs == ["step_000000020_gamma_1.png", "step_000000020_gamma_3.png"]
+    with Image.open(reference / "samples" / pngs[1]) as im:
+        assert im.mode in ("RGB", "RGBA") and im.height > 10 * 2 * 30 and im.width > 2 * 30
 
 
 def test_loss_goes_down_on_real_mnist(tiny_config, tmp_path):
@@ -124,8 +132,24 @@ def test_sigusr2_checkpoints_exits_75_and_resumes_bit_exact(tiny_config, tmp_pat
     # The last line sums up the run this process did: its steps, wall time and average throughput.
     assert re.search(rf"done: 20 steps, run dir .* \({20 - stopped} steps in \d:\d\d:\d\d: [\d,]+ img/s on average",
                      out), out
+    # Then where to look and what to run next.
+    assert f"samples: {run}/samples/step_000000020_gamma_3.png (also step_000000020_gamma_1.png)" in out, out
+    assert f"python -m jobs.evaluate {run}" in out and f"python -m jobs.tensorboard {run.parent}" in out
     steps_once(run, 20)
     assert_same_weights(final_weights(run), final_weights(reference))
+
+
+def test_a_sample_grid_that_cannot_be_written_is_a_warning_not_the_end(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(["--config", str(tiny_config), "--run-dir", str(run), "train.steps=3"]) == 0
+    shutil.rmtree(run / "samples")
+    (run / "samples").write_text("a file where the grids' folder should be")
+    capsys.readouterr()
+    assert train_main(["--config", str(tiny_config), "--run-dir", str(run), "train.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: could not write the sample grid {run}/samples/step_000000005_gamma_1.png" in out
+    assert "train/step_000000005/gamma_3" in list_groups(run / "samples.h5")  # the archive still has them
+    assert "samples:" not in out and "next:" in out  # no grid to point at, the next commands still
 
 
 def test_truncated_newest_checkpoint_falls_back(tiny_config, tmp_path, reference):
