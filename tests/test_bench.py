@@ -8,7 +8,8 @@ from conftest import ROOT, python_env
 
 COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU"),
            "sampling": ("s/batch", "images/s", "vs baseline", "peak memory", "MFU"),
-           "mnist_end_to_end": ("wall s", "images/s", "speed-up", "peak memory", "accuracy γ=5", "feature-FID γ=5")}
+           "mnist_end_to_end": ("wall s", "images/s", "speed-up", "peak memory", "accuracy γ=5", "feature-FID γ=5"),
+           "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5")}
 
 
 def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path):
@@ -19,6 +20,8 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         "mnist_end_to_end": [sys.executable, "-m", "bench.mnist_end_to_end", "--device", "cpu", "--quick",
                              "--data-root", str(mnist_root), "--classifier", str(untrained_classifier),
                              "--keep", str(tmp_path / "e2e")],
+        "quality": [sys.executable, "-m", "bench.quality", "--device", "cpu", "--quick", "--data-root", str(mnist_root),
+                    "--classifier", str(untrained_classifier), "--keep", str(tmp_path / "quality")],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
@@ -29,12 +32,18 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         header = next((line for line in out.splitlines() if line.startswith("| ")), "")
         for column in COLUMNS[name]:
             assert column in header, f"bench {name}: column {column!r} missing from {header!r}"
-        assert "| baseline" in out and "| ours" in out
-        assert f"torch {torch.__version__}" in out
+        assert ("| recipe" in out and "| quickstart" in out) if name == "quality" else ("| baseline" in out and "| ours" in out)
+        assert "| ours" in out and f"torch {torch.__version__}" in out and "FAILED" not in out
     # The end-to-end runs are real run dirs, evaluated by the evaluation job.
     for run in ("course", "ours"):
         assert list((tmp_path / "e2e" / run).glob("eval/step_*/metrics.json")), run
     assert not (tmp_path / "e2e" / "ours-warm").exists()  # no compilation on the CPU: no warm-cache row
+    # The quality rows: both configs evaluated at every epoch checkpoint by the evaluation job, the
+    # quick-start's own final samples read back; the grids exist where the table says.
+    for run, steps in (("recipe", (2, 6)), ("ours", (2, 6))):
+        for step in steps:
+            assert (tmp_path / "quality" / run / "eval" / f"step_{step:09d}" / "samples_gamma_5.png").is_file()
+    assert (tmp_path / "quality" / "quickstart" / "samples" / "step_000000004_gamma_5.png").is_file()
 
 
 def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
