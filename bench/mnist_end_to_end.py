@@ -12,7 +12,7 @@ Rows, all in this run on this device:
   start to exit: imports, data loading, compilation (cold: an empty TORCHINDUCTOR_CACHE_DIR), checkpoints
   and the end-of-run sample grid all included.
 - ours, warm compile cache (CUDA with train.compile only): the same command once more with that cache,
-  which is what a requeued job or the next run of a sweep pays (see ddpm/compile_cache.py).
+  which is what a requeued job or the next run of a sweep pays (see ddpm/diffusion/compiled.py).
 
 Quality: ``python -m jobs.evaluate RUN --only metrics`` on every run: the course's sampler (DDPM, all T=300
 steps) at guidance gamma = 5, --metric-samples samples (balanced over the classes, the same seed for
@@ -35,12 +35,13 @@ if __package__ in (None, ""):  # run as a file: python bench/mnist_end_to_end.py
 import torch
 
 from bench import common, course_recipe
-from ddpm.checkpoint import CheckpointManager, clean_state_dict
 from ddpm.config import load_config
-from ddpm.logging import read_metrics
-from ddpm.metrics import default_classifier_path
-from ddpm.nets import build_net
-from ddpm.rundir import write_config
+from ddpm.evaluate.feature_cnn import default_classifier_path
+from ddpm.nets.loading import clean_state_dict
+from ddpm.nets.registry import build_net
+from ddpm.run.checkpoints import CheckpointManager
+from ddpm.run.metrics_log import read_metrics
+from ddpm.run.rundir import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GAMMA = 5.0
@@ -216,9 +217,9 @@ def print_results(results) -> None:
                       f"{r['n']} samples, {r['sampler']['name']} {r['sampler']['steps']} steps"])
     print()
     common.print_markdown(cols, lines)
-    print(f"\nwall s: baseline from its DataLoader to its last step (in process); ours from process start to exit "
-          f"(imports, data, compilation, checkpoints, sample grid). Targets (issue 7): ours <= 25 s with accuracy "
-          f"and feature-FID at least as good as the baseline's.")
+    print("\nwall s: baseline from its DataLoader to its last step (in process); ours from process start to exit "
+          "(imports, data, compilation, checkpoints, sample grid). Targets (issue 7): ours <= 25 s with accuracy "
+          "and feature-FID at least as good as the baseline's.")
 
 
 if __name__ == "__main__":

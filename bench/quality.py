@@ -100,7 +100,8 @@ def quickstart(args, work: Path) -> dict:
     """The embedded quick-start as a user runs it; quality of its own final γ=5 samples."""
     import numpy as np
 
-    from ddpm import archive, metrics
+    from ddpm.evaluate import feature_cnn, metrics
+    from ddpm.run import samples as archive
 
     run_dir = work / "quickstart"
     extra = [*QUICK, "train.steps=4", "sample.steps=5", "sample.per_class=2"] if args.quick else []
@@ -110,9 +111,9 @@ def quickstart(args, work: Path) -> dict:
     groups = [g for g in archive.list_groups(run_dir / "samples.h5") if g.endswith("/gamma_5")]
     images, labels, _ = archive.read_samples(run_dir / "samples.h5", groups[-1])
     device = torch.device(args.device)
-    net, _ = metrics.load_classifier(args.classifier, "mnist", device)
-    reference = metrics.reference_stats(args.classifier, net, "mnist", args.data_root, device)
-    logits, feats = metrics.classify(net, torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), device)
+    net, _ = feature_cnn.load_classifier(args.classifier, "mnist", device)
+    reference = feature_cnn.reference_stats(args.classifier, net, "mnist", args.data_root, device)
+    logits, feats = feature_cnn.classify(net, torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), device)
     cfg = json.loads((run_dir / "config.json").read_text())
     steps = int(groups[-1].split("/")[1][len("step_"):])
     grid = sorted((run_dir / "samples").glob(f"step_{steps:09d}_gamma_5.png"))

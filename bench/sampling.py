@@ -1,13 +1,13 @@
-"""Sampling speed in one table: the course recipe's loop and diffusers' DDIM against ddpm.sampling.
+"""Sampling speed in one table: the course recipe's loop and diffusers' DDIM against ddpm.diffusion.samplers.
 
     python -m bench.sampling [--device cuda|cpu] [--quick] [--which mnist,cifar] [--repeats N]
                              [--peak-tflops BF16,FP32]
 
 MNIST: 100 images (10 per class), DDPM T=300, classifier-free guidance gamma = 5, CS180 class UNet D=64.
 Baseline: the course loop (bench/course_recipe.py: a conditional and an unconditional forward per step,
-fp32). Ours: ``ddpm.sampling.sample_ddpm`` with ``classifier_free_guidance`` (cond + uncond in one
+fp32). Ours: ``ddpm.diffusion.samplers.sample_ddpm`` with ``classifier_free_guidance`` (cond + uncond in one
 batched forward, schedule scalars from the host, no per-step syncs), then on CUDA wrapped by
-``ddpm.fast_sampling.compile_for_sampling``: bf16 autocast + torch.compile, and + CUDA graphs.
+``ddpm.diffusion.compiled.compile_for_sampling``: bf16 autocast + torch.compile, and + CUDA graphs.
 CIFAR: 64 images, DDIM 50 steps, eta 0, CFG w = 2, the DDPM-CIFAR10-size net. Baseline: diffusers'
 ``DDIMScheduler`` + ``UNet2DModel`` (when ``import diffusers`` works). Ours: ``sample_ddim`` with
 ``cifar_unet``, the same variants as MNIST.
@@ -26,10 +26,10 @@ import torch
 
 from bench import common, course_recipe, diffusers_baseline
 from bench.common import Row
-from ddpm.fast_sampling import compile_for_sampling
-from ddpm.nets import build_net
-from ddpm.sampling import classifier_free_guidance, sample_ddim, sample_ddpm
-from ddpm.schedule import NoiseSchedule
+from ddpm.diffusion.compiled import compile_for_sampling
+from ddpm.diffusion.samplers import classifier_free_guidance, sample_ddim, sample_ddpm
+from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.nets.registry import build_net
 
 
 def sizes(quick: bool) -> dict:
@@ -39,7 +39,7 @@ def sizes(quick: bool) -> dict:
 
 
 # Our variants: (row name, compile_for_sampling options or None for the plain eager path); CUDA adds the last two.
-OURS = [("ours: ddpm.sampling, batched CFG", None)]
+OURS = [("ours: ddpm.diffusion.samplers, batched CFG", None)]
 OURS_CUDA = [("ours: + bf16 + compile", dict(bf16=True, compile=True, cuda_graphs=False)),
              ("ours: + CUDA graphs", dict(bf16=True, compile=True, cuda_graphs=True))]
 
@@ -138,7 +138,7 @@ def cifar_rows(args, sz, peaks, rows) -> None:
 
 def main() -> int:
     args = common.parse_args("python -m bench.sampling",
-                             "Sampling speed: course loop / diffusers DDIM vs ddpm.sampling.")
+                             "Sampling speed: course loop / diffusers DDIM vs ddpm.diffusion.samplers.")
     sz = sizes(args.quick)
     if args.repeats:
         sz["repeats"] = args.repeats

@@ -4,7 +4,7 @@
                                      [--ablations] [--repeats N] [--peak-tflops BF16,FP32]
 
 MNIST: (a) the CS180 course recipe (bench/course_recipe.py: DataLoader over torchvision MNIST, batch 128,
-fp32) against (b) ``ddpm.train_loop.Trainer`` running configs/mnist.yaml (GPU-resident data, batch 512,
+fp32) against (b) ``ddpm.train.loop.Trainer`` running configs/mnist.yaml (GPU-resident data, batch 512,
 bf16 + torch.compile on CUDA). CIFAR: diffusers' UNet2DModel in the DDPM-CIFAR10 configuration (batch 128,
 fp32 and bf16 autocast; only when ``import diffusers`` works) against the Trainer running
 configs/cifar10.yaml at batch 128 and 512. The CIFAR rows train on random uint8 images of CIFAR's shape:
@@ -31,10 +31,10 @@ import torch
 from bench import common, course_recipe, diffusers_baseline
 from bench.common import Row
 from ddpm.config import load_config
-from ddpm.dist import DistInfo
-from ddpm.logging import read_metrics
-from ddpm.nets import build_net
-from ddpm.train_loop import Trainer
+from ddpm.nets.registry import build_net
+from ddpm.run.metrics_log import read_metrics
+from ddpm.train.dist import DistInfo
+from ddpm.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_TRAIN_IMAGES = 60_000

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ddpm.data.datasets import DATASETS
 from ddpm.errors import UserError
 
 
@@ -79,7 +80,7 @@ class SampleConfig:
     sampler: str = "ddpm"               # ddpm | ddim | euler | heun
     steps: int = 0                      # DDIM / flow steps; 0 = T for ddpm, 50 for ddim, 100 for flows
     guidance: list = field(default_factory=lambda: [1.0])  # scales for the sample grids
-    convention: str = "gamma"           # gamma | w  (see ddpm.sampling.to_gamma)
+    convention: str = "gamma"           # gamma | w  (see ddpm.diffusion.samplers.to_gamma)
     per_class: int = 4
     ema: bool = True
     seed: int = 1234
@@ -105,12 +106,12 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def net_kwargs(self) -> dict:
-        """Constructor kwargs for ``ddpm.nets.build_net(model.arch, **kwargs)``."""
+        """Constructor kwargs for ``ddpm.nets.registry.build_net(model.arch, **kwargs)``."""
         return {k: v for k, v in self.model.items() if k != "arch"}
 
 
 CHOICES = {
-    "data.dataset": ("mnist", "cifar10"),
+    "data.dataset": tuple(DATASETS),
     "diffusion.objective": ("eps", "x0", "v", "rectified_flow", "denoiser", "classifier"),
     "diffusion.schedule": ("linear", "cosine", "quadratic"),
     "train.optimizer": ("adam", "adamw"),
@@ -132,9 +133,6 @@ RANGES = {
     "checkpoint.keep_last": (1, None, True), "checkpoint.keep_every": (0, None, True),
     "sample.steps": (0, None, True), "sample.per_class": (1, None, True),
 }
-DATASET_SHAPES = {"mnist": (1, 28, 10), "cifar10": (3, 32, 10)}
-CLASS_NAMES = {"mnist": tuple("0123456789"),
-               "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")}
 # Injected from data/diffusion; a config may not set them.
 DERIVED_NET_KEYS = ("in_channels", "image_size", "T")
 
@@ -300,14 +298,18 @@ def from_dict(raw: dict) -> Config:
 
 
 def _model(raw, data: DataConfig, diff: DiffusionConfig) -> dict:
-    from ddpm.nets import net_kwargs  # imported lazily: torch is slow to import
+    from ddpm.nets.registry import (  # imported lazily: torch is slow to import
+        build_net,
+        net_kwargs,
+    )
 
     if raw is None or "arch" not in raw:
         raise UserError("model.arch is required, e.g. model.arch=cs180_class_unet")
     raw = dict(raw)
     arch = raw.pop("arch")
     accepted = net_kwargs(arch)  # UserError listing the choices for an unknown arch
-    channels, size, classes = DATASET_SHAPES[data.dataset]
+    facts = DATASETS[data.dataset]
+    channels, size, classes = facts["channels"], facts["size"], facts["classes"]
     out = {"arch": arch}
     derived = {"in_channels": channels, "image_size": size, "T": diff.T}
     for name, value in raw.items():
@@ -323,7 +325,6 @@ def _model(raw, data: DataConfig, diff: DiffusionConfig) -> dict:
     if "num_classes" in accepted and "num_classes" not in raw:
         out["num_classes"] = classes
     import torch
-    from ddpm.nets import build_net
     with torch.device("meta"):  # validates the kwargs' values without allocating weights
         build_net(arch, **{k: v for k, v in out.items() if k != "arch"})
     return out

@@ -13,8 +13,9 @@ Bad input: a one-line 'error: ...' and exit status 2, with nothing written.
 import argparse
 import sys
 
-from ddpm.errors import UserError
-from ddpm.evaluation import PARTS, Request, make_plan, run
+from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+from ddpm.evaluate.parts import PARTS, run
+from ddpm.evaluate.plan import Request, make_plan
 
 EXAMPLES = f"""parts (--only, comma-separated): {', '.join(PARTS)}
   generative runs: all but denoiser; one-step denoiser runs: curves, denoiser; noisy classifiers: curves,
@@ -37,7 +38,7 @@ cost with the defaults on 2 CPU cores, configs/mnist.yaml (D=64 CS180 UNet, T=30
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other bad input
         print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT_EXIT_CODE)
 
 
 def parse_args(argv=None):
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         run(plan, argv, log=lambda s: print(s, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     return 0
 
 

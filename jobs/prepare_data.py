@@ -6,8 +6,8 @@
 import argparse
 import sys
 
-from ddpm.data import DATASETS, prepare_dataset
-from ddpm.errors import UserError
+from ddpm.data.datasets import DATASETS, prepare_dataset
+from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
 EPILOG = """\
 without --offline: files that already load are only verified; missing ones are downloaded
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         info = prepare_dataset(args.dataset, args.root, offline=args.offline)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     c, h, w = info["shape"]
     print(f"dataset: {info['dataset']}")
     print(f"path:    {info['path']}")

@@ -13,7 +13,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from ddpm.errors import UserError
+from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
 EXAMPLES = """examples:
   python -m jobs.submit --config configs/cifar10.yaml --nodes 1 --gpus-per-node 4 --partition gpu --time 24:00:00
@@ -59,25 +59,25 @@ def main(argv=None) -> int:
         return status(args.status) if args.status else submit(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
 
 
 def status(manifest_path) -> int:
-    from ddpm import sweep
+    from ddpm.cluster import sweep
 
     print(sweep.format_status(sweep.status_rows(sweep.read_manifest(manifest_path))))
     return 0
 
 
 def submit(args) -> int:
-    from ddpm import cluster, launch, sweep
+    from ddpm.cluster import launch, slurm, sweep
 
     if not args.config:
         raise UserError("--config is required (or --status MANIFEST), e.g. --config configs/cifar10.yaml")
     if args.time is None and not args.local:
         raise UserError("--time is required for SLURM jobs, e.g. --time 24:00:00 (or run here with --local)")
     res = launch.Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
-                           time_s=cluster.parse_time(args.time) if args.time else 3600,
+                           time_s=slurm.parse_time(args.time) if args.time else 3600,
                            cpus_per_task=args.cpus_per_task, mem=args.mem, account=args.account,
                            signal_delay_s=args.signal_delay, max_timeouts=args.max_timeouts)
     if args.local:
@@ -86,7 +86,7 @@ def submit(args) -> int:
     sweep.parse_sweeps(args.sweep, args.overrides)  # syntax errors before asking the cluster anything
     partition = None
     if not args.local:  # sinfo first: it is quick, validating configs is not
-        partition = cluster.check_request(args.partition, res.nodes, res.gpus_per_node, res.time_s).name
+        partition = slurm.check_request(args.partition, res.nodes, res.gpus_per_node, res.time_s).name
         res = dataclasses.replace(res, partition=partition)
     jobs = sweep.plan_jobs(args.config, args.overrides, args.sweep, args.run_root, res.world_size, res.gpus_per_node > 0)
     run_root = jobs[0].run_dir.parent

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from ddpm.errors import UserError
+from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
 EXAMPLES = """examples:
   python -m jobs.tensorboard runs                      # port 6006
@@ -31,7 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ddpm import tensorboard_server as tbs
+    from ddpm.cluster import tensorboard as tbs
 
     try:
         root = tbs.check_run_root(args.run_root)
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         url = tbs.start(root, args.port)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     if not tbs.has_events(root):
         print(f"note: no TensorBoard event files under {root} yet; runs show up as they start logging")
     print(f"TensorBoard for {root} at {url} (127.0.0.1 only)")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ddpm.config import load_config
-from ddpm.errors import UserError
+from ddpm.errors import BAD_INPUT_EXIT_CODE, DIVERGED_EXIT_CODE, UserError
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "ddpm" / "quickstart.yaml"
 EXAMPLES = """examples:
@@ -40,14 +40,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from ddpm import rundir  # imported after validation so --help and config errors stay fast
+        from ddpm.run import (
+            rundir,  # imported after validation so --help and config errors stay fast
+        )
         if args.dry_run:
             run_dir, resume = rundir.prepare_run_dir(cfg, args.run_dir, args.force)
             print(json.dumps(cfg.to_dict(), indent=2))
             print(f"run dir: {run_dir} ({'resume' if resume else 'new run'})")
             return 0
-        from ddpm.dist import cleanup, init_distributed
-        from ddpm.train_loop import Trainer, TrainingDiverged
+        from ddpm.train.dist import cleanup, init_distributed
+        from ddpm.train.loop import Trainer, TrainingDiverged
         info = init_distributed(cfg.train.device)
         try:
             run_dir, resume = rundir.prepare_run_dir(cfg, args.run_dir, args.force)
@@ -64,12 +66,12 @@ def main(argv=None) -> int:
             return rc
         except TrainingDiverged as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return DIVERGED_EXIT_CODE
         finally:
             cleanup()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
 
 
 def closing_lines(run_dir: Path, grids: list) -> str:

@@ -9,7 +9,7 @@ Exit status: 0 done (or cached), 2 bad input (nothing written).
 import argparse
 import sys
 
-from ddpm.errors import UserError
+from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
 EXAMPLES = """examples:
   python -m jobs.train_classifier --dataset mnist --root data
@@ -38,46 +38,47 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from ddpm.data import DATASETS, load_dataset
+        from ddpm.data.datasets import DATASETS, load_dataset
         if args.dataset not in DATASETS:
             raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if args.steps is not None and args.steps < 1:
             raise UserError(f"--steps must be >= 1, got {args.steps}")
         import torch
-        from ddpm import metrics
+
+        from ddpm.evaluate import feature_cnn
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
             raise UserError(f"--device {args.device} is not usable here; pass --device cpu")
-        out = args.out or metrics.default_classifier_path(args.dataset, args.root)
+        out = args.out or feature_cnn.default_classifier_path(args.dataset, args.root)
         load_dataset(args.dataset, args.root, train=False)  # missing data fails now, before any training
         if not args.force and _cached(out, args.dataset, args.steps, args.seed):
             print(f"classifier already trained: {out} (pass --force to retrain)")
             return 0
-        net, meta, features = metrics.train_classifier(args.dataset, args.root, steps=args.steps, seed=args.seed,
+        net, meta, features = feature_cnn.train_classifier(args.dataset, args.root, steps=args.steps, seed=args.seed,
                                                        device=device)
-        metrics.save_classifier(out, net, meta)
-        metrics.reference_stats(out, net, args.dataset, args.root, device, features=features.numpy())
+        feature_cnn.save_classifier(out, net, meta)
+        feature_cnn.reference_stats(out, net, args.dataset, args.root, device, features=features.numpy())
         print(f"test accuracy {meta['test_accuracy']:.4f} after {meta['steps']} steps "
               f"({meta['train_seconds']:.0f} s); saved {out}")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
 
 
 def _cached(out, dataset, steps, seed) -> bool:
     from pathlib import Path
 
-    from ddpm import metrics
+    from ddpm.evaluate import feature_cnn
     if not Path(out).is_file():
         return False
     try:
-        _, meta = metrics.load_classifier(out, dataset)
+        _, meta = feature_cnn.load_classifier(out, dataset)
     except UserError:
         return False  # not a usable classifier: train a new one over it
-    return (meta.get("recipe") == metrics.RECIPES[dataset] and meta.get("seed") == seed
+    return (meta.get("recipe") == feature_cnn.RECIPES[dataset] and meta.get("seed") == seed
             and meta.get("requested_steps") == steps)
 
 

@@ -18,13 +18,18 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 # Some SLURM releases do not pass sbatch's --cpus-per-task on to srun; this makes every release do so.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"; fi
 PYTHON="${DDPM_PYTHON:-python}"
-REQUEUE_EXIT_CODE=75
+# The exit code that means "checkpoint saved, requeue me", as ddpm.errors defines it (one definition).
+REQUEUE_EXIT_CODE=$("$PYTHON" -c 'from ddpm.errors import REQUEUE_EXIT_CODE as c; print(c)') || {
+  echo "error: '$PYTHON' cannot import ddpm from $DDPM_ROOT; activate the environment ddpm-hpc is installed in," \
+       "or set DDPM_PYTHON=/path/to/venv/bin/python" >&2
+  exit 2
+}
 
 ddpm_log() { echo "[ddpm $(date +%T)] $*" >&2; }
 
 # ddpm_rendezvous: MASTER_ADDR = first host of the allocation (task 0 runs there), by the address SLURM
 # itself reaches it at (its NodeAddr; that is the host name unless the cluster set one), MASTER_PORT =
-# f(job id, restart count) with the formula of ddpm.dist.master_port, so every requeue gets a fresh
+# f(job id, restart count) with the formula of ddpm.train.dist.master_port, so every requeue gets a fresh
 # port. Always derived here: a MASTER_PORT inherited from the submitting shell would be reused by every
 # restart.
 ddpm_rendezvous() {

@@ -74,7 +74,7 @@ def untrained_classifier(tmp_path_factory):
     """An untrained MNIST classifier file: evaluation only needs a valid one (training is tested in test_metrics)."""
     import torch
 
-    from ddpm import metrics
+    from ddpm.evaluate import feature_cnn as metrics
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clf") / "mnist_cnn.pt"

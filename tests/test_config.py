@@ -5,7 +5,6 @@ import pytest
 
 from ddpm.config import Config, from_dict, load_config, parse_override
 from ddpm.errors import UserError
-from ddpm.rundir import config_differences, default_run_dir, prepare_run_dir, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -91,33 +90,6 @@ def test_file_errors(tmp_path):
     both.write_text("model: {arch: cs180_class_unet}\ntrain: {epochs: 1, steps: 3}\n")
     with pytest.raises(UserError, match="exactly one of train.epochs and train.steps"):
         load_config(both)
-
-
-def test_run_dir_naming_and_resume_rules(tmp_path):
-    cfg = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}"], device="cuda")
-    first = default_run_dir(cfg)
-    assert first.name == "00000-mnist-cond-cfg-b512"
-    assert default_run_dir(load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}"], device="cpu")).name \
-        == "00000-mnist-cond-cfg-b64"  # its on_cpu batch
-    (tmp_path / "00007-other-b4").mkdir()
-    assert default_run_dir(cfg).name == "00008-mnist-cond-cfg-b512"
-    run = tmp_path / "run"
-    assert prepare_run_dir(cfg, run) == (run, False)
-    write_config(run, cfg)
-    assert prepare_run_dir(cfg, run) == (run, True)
-    longer = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.epochs=40", "log.every=7"],
-                         device="cuda")
-    assert prepare_run_dir(longer, run) == (run, True)   # extending a run or changing logging resumes
-    other = load_config(ROOT / "configs/mnist.yaml", [f"run_root={tmp_path}", "train.lr=5e-4"], device="cuda")
-    with pytest.raises(UserError, match=r"different config \(differs in train.lr\).*--force"):
-        prepare_run_dir(other, run)
-    assert prepare_run_dir(other, run, force=True) == (run, True)
-    assert config_differences(cfg.to_dict(), other.to_dict()) == ["train.lr"]
-    junk = tmp_path / "junk"
-    junk.mkdir()
-    (junk / "file").write_text("x")
-    with pytest.raises(UserError, match="not a run directory"):
-        prepare_run_dir(cfg, junk)
 
 
 def test_on_cpu_section_applies_on_a_cpu_only_and_overrides_still_win(tmp_path):

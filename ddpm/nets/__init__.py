@@ -1,4 +1,10 @@
-"""Denoising nets and the noisy classifier, chosen by name (``model.arch``) from a registry.
+"""Nets: the denoising nets and the noisy classifier, chosen by name (``model.arch``) from a registry.
+
+Public surface (import from the modules): ``ddpm.nets.registry`` (``NETS``, ``register``, ``build_net``,
+``net_kwargs``) and ``ddpm.nets.loading`` (checkpoint state dicts: ``clean_state_dict``, ``unwrap_model``,
+``load_weights``). Builds on ``ddpm.errors`` only. This file imports every net module (``cs180``,
+``res_unet``, ``cifar_unet``, ``noisy_classifier``; ``layers`` holds their shared pieces), so that each
+registers its nets before anything is looked up.
 
 Every net: ``forward(x, t=None, y=None)`` with
 - ``x``: (B, C, H, W) float;
@@ -11,7 +17,7 @@ Returns (B, C, H, W) (the classifier returns logits (B, num_classes)). Attribute
 ``image_size``, ``arch`` (the registry name). Time-conditional denoisers need t (ValueError without).
 ``noisy_classifier`` is the exception: ``num_classes`` counts its logits, y is ignored, t=None = clean.
 
-Sizes at the defaults (trainable parameters; tests/test_nets.py pins them):
+Sizes at the defaults (trainable parameters; tests/nets/test_nets.py pins them):
 - cs180_denoiser    hidden=128, MNIST                       7,891,073
 - cs180_time_unet   hidden=64,  MNIST                       1,996,417
 - cs180_class_unet  hidden=64,  MNIST, 10 classes           2,019,393  (course figure ≈2.1 M)
@@ -20,49 +26,4 @@ Sizes at the defaults (trainable parameters; tests/test_nets.py pins them):
 - cifar_unet        defaults (num_classes=10)              35,751,939
 - noisy_classifier  base=32, MNIST                            426,602
 """
-import inspect
-
-from ddpm.errors import UserError
-
-NETS: dict[str, type] = {}
-
-
-def register(name):
-    """Class decorator: add a net to NETS under ``name`` and record the name as ``cls.arch``."""
-
-    def deco(cls):
-        if name in NETS:
-            raise RuntimeError(f"net {name!r} registered twice")
-        cls.arch = name
-        NETS[name] = cls
-        return cls
-
-    return deco
-
-
-# Imported after NETS/register exist: each module registers its nets on import.
-from ddpm.nets import cifar_unet, classifier, cs180, res_unet  # noqa: E402,F401
-
-
-def _lookup(name):
-    if name not in NETS:
-        raise UserError(f"unknown model.arch {name!r}; choose one of: {', '.join(sorted(NETS))}")
-    return NETS[name]
-
-
-def net_kwargs(name):
-    """The keyword arguments ``build_net(name, ...)`` accepts, mapped to their defaults."""
-    params = inspect.signature(_lookup(name).__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
-
-
-def build_net(name, **kwargs):
-    """Construct the net registered as ``name``; bad names, keys or values raise UserError."""
-    cls = _lookup(name)
-    accepted = net_kwargs(name)
-    for key in kwargs:
-        if key not in accepted:
-            raise UserError(
-                f"unknown model.{key} for model.arch '{name}'; accepted: {', '.join(sorted(accepted))}"
-            )
-    return cls(**kwargs)
+from ddpm.nets import cifar_unet, cs180, noisy_classifier, res_unet  # noqa: F401  (each registers its nets)

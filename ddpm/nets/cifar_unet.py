@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.nets import register
 from ddpm.nets.layers import (
     SinusoidalTimeEmbedding,
     check_float,
@@ -26,6 +25,7 @@ from ddpm.nets.layers import (
     labels_or_null,
     time_fraction,
 )
+from ddpm.nets.registry import register
 
 
 def _zero(module):

@@ -18,8 +18,8 @@ and CIFAR nets use GroupNorm instead.
 import torch
 from torch import nn
 
-from ddpm.nets import register
 from ddpm.nets.layers import check_int, fail, labels_or_null, one_hot, time_fraction
+from ddpm.nets.registry import register
 
 
 class Conv(nn.Sequential):

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.nets import register
 from ddpm.nets.layers import (
     SineMLPTimeEmbedding,
     SinusoidalTimeEmbedding,
@@ -33,6 +32,7 @@ from ddpm.nets.layers import (
     labels_or_null,
     time_fraction,
 )
+from ddpm.nets.registry import register
 
 
 class ResBlock(nn.Module):

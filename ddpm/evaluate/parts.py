@@ -1,0 +1,140 @@
+"""The evaluation's parts, in one table, and the run that executes a plan's parts in order and writes
+``RUN_DIR/eval/step_XXXXXXXXX/`` (figures, ``metrics.json``, ``report.md``) and ``RUN_DIR/samples.h5``.
+
+Each part function takes (plan, out_dir, log), writes its figures into out_dir and returns a JSON-ready
+section for ``metrics.json``. ``--only`` names parts (what the user asks for); a section is what runs:
+``grids`` and ``metrics`` both ask for the guidance sweep, which makes the grids and scores the samples.
+"""
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm.errors import UserError
+from ddpm.evaluate import measured, report, sampled
+from ddpm.evaluate.metrics import file_sha256
+from ddpm.run.atomic import atomic_write
+from ddpm.run.samples import export_npz
+
+# --only names, in the order the help lists them.
+PARTS = ("grids", "curves", "progression", "gifs", "steps", "interpolation", "denoiser", "metrics")
+KINDS = ("generative", "denoiser", "classifier")  # generative: eps/x0/v/flow; the other two make no samples
+# The one table, in running order: (section in metrics.json, function, kinds of run, --only parts asking for it).
+SECTIONS = (
+    ("guidance", sampled.guidance_part, ("generative",), ("grids", "metrics")),
+    ("curves", measured.curves_part, KINDS, ("curves",)),
+    ("progression", sampled.progression_part, ("generative",), ("progression",)),
+    ("gifs", sampled.gifs_part, ("generative",), ("gifs",)),
+    ("steps", sampled.steps_part, ("generative",), ("steps",)),
+    ("interpolation", sampled.interpolation_part, ("generative",), ("interpolation",)),
+    ("denoiser", measured.denoiser_part, ("denoiser",), ("denoiser", "metrics")),
+    ("accuracy_vs_t", measured.classifier_part, ("classifier",), ("metrics",)),
+)
+PARTS_BY_KIND = {kind: tuple(p for p in PARTS if any(kind in kinds and p in asks for _, _, kinds, asks in SECTIONS))
+                 for kind in KINDS}
+
+
+def parse_only(text: str | None, kind: str, objective: str) -> tuple:
+    """--only 'grids,metrics' → the parts to run (all of the kind's parts for None); UserError otherwise."""
+    if text is None:
+        return PARTS_BY_KIND[kind]
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for name in names:
+        if name not in PARTS:
+            raise UserError(f"unknown --only part {name!r}; choose from: {', '.join(PARTS)}")
+        if name not in PARTS_BY_KIND[kind]:
+            raise UserError(f"--only {name} does not apply to a run with diffusion.objective={objective}; "
+                            f"parts for this run: {', '.join(PARTS_BY_KIND[kind])}")
+    if not names:
+        raise UserError(f"--only is empty; choose from: {', '.join(PARTS_BY_KIND[kind])}")
+    return tuple(p for p in PARTS if p in names)
+
+
+def tasks(plan) -> list:
+    """(section, function) in running order for the plan's kind and parts."""
+    return [(section, fn) for section, fn, kinds, asks in SECTIONS
+            if plan.kind in kinds and set(asks) & set(plan.parts)]
+
+
+def versions() -> dict:
+    import h5py
+    import matplotlib
+    import numpy
+    import torchvision
+
+    import ddpm
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "h5py": h5py.__version__, "matplotlib": matplotlib.__version__,
+            "ddpm-hpc": ddpm.__version__}
+
+
+def run(plan, argv: list | None = None, log=print) -> dict:
+    """Run the planned parts; write figures, samples, metrics.json and report.md. Returns the metrics."""
+    t_start = time.perf_counter()
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = plan.cfg
+    classifier = None
+    if plan.classifier is not None:
+        _, meta, path = plan.classifier
+        classifier = {"path": str(path), "sha256": file_sha256(path), "test_accuracy": meta.get("test_accuracy")}
+    metrics = {
+        "run_dir": str(plan.run_dir), "run_name": cfg.name, "objective": cfg.diffusion.objective,
+        "dataset": cfg.data.dataset, "config_hash": cfg.hash(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "python -m jobs.evaluate " + " ".join(argv) if argv is not None else None,
+        "checkpoint": {"step": plan.step, "path": str(plan.checkpoint_path), "ema": plan.ema},
+        "seed": plan.seed, "device": str(plan.device), "parts": list(plan.parts),
+        "sampler": {"name": plan.sampler, "steps": plan.steps, "note": plan.sampler_note or None,
+                    "fast_sampler": plan.fast_sampler, "fast_steps": plan.fast_steps},
+        "guidance": {"convention": plan.convention if plan.kind == "generative" else None,
+                     "scales": plan.scales, "display_scale": plan.display_scale if plan.scales else None,
+                     "conditional": plan.conditional},
+        "samples": {"per_class": plan.per_class, "metric_samples": plan.metric_samples,
+                    "table_samples": plan.table_samples},
+        "classifier": classifier, "classifier_note": plan.classifier_note or None,
+        "inception": plan.inception.describe() if plan.inception is not None else None,
+        "versions": versions(), "archive": {"path": str(plan.run_dir / "samples.h5"), "groups": []},
+        "export_npz": None, "notes": plan.notes, "timings_s": {}, "sections": {},
+    }
+    for note in plan.notes + [plan.classifier_note] * bool(plan.classifier_note):
+        log(f"warning: {note}")
+    if plan.sampler_note:
+        log(f"note: sampler: {plan.sampler_note}")
+    for name, fn in tasks(plan):
+        t0 = time.perf_counter()
+        log(f"[eval] {name} ...")
+        section = fn(plan, out, log)
+        metrics["sections"][name] = section
+        metrics["archive"]["groups"] += section.pop("archive_groups", [])
+        metrics["timings_s"][name] = round(time.perf_counter() - t0, 3)
+        log(f"[eval] {name} done in {metrics['timings_s'][name]:.1f} s")
+    if plan.export_npz is not None and metrics["archive"]["groups"]:
+        n = export_npz(plan.run_dir / "samples.h5", plan.export_npz, metrics["archive"]["groups"])
+        metrics["export_npz"] = {"path": str(plan.export_npz), "images": n}
+    metrics["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    metrics = _merge_previous(out / "metrics.json", metrics)
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write(out / "report.md", report.render(metrics))
+    log(f"[eval] wrote {out / 'report.md'} and metrics.json ({metrics['timings_s']['total']:.1f} s)")
+    return metrics
+
+
+def _merge_previous(path: Path, metrics: dict) -> dict:
+    """Keep sections of an earlier evaluation of the same checkpoint that this one did not redo
+    (``--only`` runs add to the report instead of replacing it)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return metrics
+    if old.get("checkpoint") != metrics["checkpoint"] or not isinstance(old.get("sections"), dict):
+        return metrics
+    kept = {k: v for k, v in old["sections"].items() if k not in metrics["sections"]}
+    if kept:
+        metrics["sections"] = {**kept, **metrics["sections"]}
+        groups = old.get("archive", {}).get("groups", [])
+        metrics["archive"]["groups"] = list(dict.fromkeys(groups + metrics["archive"]["groups"]))
+        metrics["timings_s"] = {**{k: v for k, v in old.get("timings_s", {}).items() if k in kept},
+                                **metrics["timings_s"]}
+    return metrics

@@ -1,0 +1,14 @@
+"""Run: everything under ``RUN_DIR``. Builds on ``ddpm.errors`` and ``ddpm.config``.
+
+Public surface (import from the modules; this file imports nothing, so ``ddpm.cluster`` can read
+metrics without importing torch):
+
+- ``ddpm.run.rundir``: run-dir names, resume detection, ``config.json`` (``prepare_run_dir``,
+  ``read_run_config``, ``write_config``, ``check_writable``)
+- ``ddpm.run.checkpoints``: ``CheckpointManager`` (atomic checkpoints with sha256 manifests), ``verify``
+- ``ddpm.run.samples``: the HDF5 sample archive ``samples.h5`` (``write_samples``, ``read_samples``,
+  ``list_groups``, ``export_npz``)
+- ``ddpm.run.metrics_log``: ``RunLogger`` (TensorBoard + ``metrics.jsonl``), ``read_metrics``
+- ``ddpm.run.grids``: labelled sample-grid PNGs (``grid_figure``)
+- ``ddpm.run.atomic``: the one atomic write (``atomic_write``, ``atomic_path``)
+"""

@@ -1,0 +1,12 @@
+"""Train: the training job. Builds on everything below it (``errors``, ``config``, ``data``, ``nets``,
+``diffusion``, ``run``), never on ``ddpm.evaluate``.
+
+Public surface (import from the modules):
+
+- ``ddpm.train.loop``: ``Trainer`` (the one training loop), ``TrainingDiverged``
+- ``ddpm.train.schedules``: ``total_steps``, ``lr_at``, ``ema_decay_at``
+- ``ddpm.train.sample_grids``: the sampling events of a run (archive group, TensorBoard image, PNG)
+- ``ddpm.train.dist``: the process group from torchrun or SLURM (``init_distributed``, ``print0``, ``reduce_mean``)
+- ``ddpm.train.preempt``: signal → flag (``PreemptionHandler``, ``should_stop``)
+- ``ddpm.train.progress``: ``Progress`` (a tqdm bar in a terminal, plain lines in batch logs)
+"""

@@ -1,0 +1,266 @@
+"""The training loop: the only one. Reads top to bottom: setup, resume, step, log, checkpoint, sample.
+
+Everything that varies over a run is a pure function of (seed, step, rank): the batch
+(:class:`ddpm.data.batcher.StepBatcher`), the noise, timesteps and label-drop mask (drawn for the whole
+global batch from a generator seeded by (seed, step) and sliced per rank, so 1 process and N processes
+see the same draws), dropout (global RNG reseeded per step and rank), the learning rate and the EMA decay
+(:mod:`ddpm.train.schedules`). A resumed run therefore repeats an uninterrupted one bit for bit (on CPU;
+CUDA kernels may not be deterministic).
+"""
+import copy
+import datetime
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ddpm.config import Config
+from ddpm.data.batcher import (
+    DROPOUT_STREAM,
+    INIT_STREAM,
+    NOISE_STREAM,
+    StepBatcher,
+    mix_seed,
+)
+from ddpm.data.datasets import load_dataset
+from ddpm.diffusion import objectives
+from ddpm.diffusion.compiled import use_persistent_cache
+from ddpm.diffusion.from_config import schedule_for
+from ddpm.errors import REQUEUE_EXIT_CODE
+from ddpm.nets.loading import clean_state_dict, load_weights
+from ddpm.nets.registry import build_net
+from ddpm.run.checkpoints import CheckpointManager
+from ddpm.run.metrics_log import RunLogger
+from ddpm.train.dist import DistInfo, barrier, print0, reduce_mean
+from ddpm.train.preempt import PreemptionHandler, should_stop
+from ddpm.train.progress import Progress
+from ddpm.train.sample_grids import write_event
+from ddpm.train.schedules import ema_decay_at, lr_at, total_steps
+
+
+class Trainer:
+    """One run: ``Trainer(cfg, run_dir, info, resume).run()`` returns 0 when done, 75 on preemption."""
+
+    def __init__(self, cfg: Config, run_dir, info: DistInfo, images=None, labels=None):
+        self.cfg, self.run_dir, self.info, self.dev = cfg, run_dir, info, info.device
+        if images is None:
+            images, labels = load_dataset(cfg.data.dataset, cfg.data.root, True, cfg.data.download)
+        norm = tuple(cfg.data.normalize) if cfg.data.normalize else None
+        self.batcher = StepBatcher(images, labels, cfg.train.batch_size, info.world_size, info.rank, cfg.train.seed,
+                                   cfg.data.hflip, norm, self.dev)
+        self.total = total_steps(cfg, self.batcher.steps_per_epoch)
+        self.sched = schedule_for(cfg).to(self.dev, torch.float32)
+        torch.manual_seed(mix_seed(cfg.train.seed, INIT_STREAM))  # same initial weights on every rank and run
+        self.net = build_net(cfg.model["arch"], **cfg.net_kwargs()).to(self.dev)
+        self.num_classes = getattr(self.net, "num_classes", 0)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
+        cuda = self.dev.type == "cuda"
+        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                           weight_decay=cfg.train.weight_decay, fused=cuda or None)
+        self.ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        self.step = 0
+        self.resumed = False
+        self.grids = []  # sample-grid PNGs written by this process, oldest first
+        self.gen = torch.Generator(device=self.dev)
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.precision == "bf16")
+
+    # ----- state -------------------------------------------------------------------------------------
+    def load_checkpoint(self) -> None:
+        """Every rank loads the newest verified checkpoint itself (to CPU first).
+
+        A run dir without a checkpoint restarts at step 0 but still counts as resumed, so the logs of
+        the steps done before the crash are trimmed instead of duplicated.
+        """
+        self.resumed = True
+        loaded = self.ckpt.load_latest()
+        if loaded is None:
+            return
+        step, state = loaded
+        what, fix = f"checkpoint step {step} in {self.ckpt.directory}", "use a new --run-dir"
+        load_weights(self.net, state.get("model"), what, fix)
+        if self.ema is not None and state.get("ema") is not None:
+            load_weights(self.ema, state["ema"], what, fix)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = step
+
+    def state(self) -> dict:
+        return {"model": clean_state_dict(self.net.state_dict()),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.opt.state_dict(), "step": self.step, "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        if self.info.is_main:
+            self.ckpt.save(self.step, self.state())
+        barrier()
+
+    # ----- one optimizer step ------------------------------------------------------------------------
+    def draws(self, step: int, shape):
+        """Noise, timesteps and label-drop mask for this rank: drawn for the global batch, then sliced."""
+        B, b, r = self.cfg.train.batch_size, shape[0], self.info.rank
+        g = self.gen.manual_seed(mix_seed(self.cfg.train.seed, NOISE_STREAM, step))
+        noise = torch.randn((B, *shape[1:]), generator=g, device=self.dev)[r * b:(r + 1) * b]
+        if self.cfg.diffusion.objective == "rectified_flow":
+            t = torch.rand(B, generator=g, device=self.dev)
+        else:
+            t = torch.randint(0, self.cfg.diffusion.T, (B,), generator=g, device=self.dev)
+        drop = torch.rand(B, generator=g, device=self.dev) < self.cfg.diffusion.p_uncond
+        return noise, t[r * b:(r + 1) * b], drop[r * b:(r + 1) * b]
+
+    def loss(self, model, x, y, noise, t, drop) -> torch.Tensor:
+        d = self.cfg.diffusion
+        yy = objectives.drop_labels(y, drop, self.num_classes) if self.num_classes else None
+        if d.objective in objectives.PREDICTIONS:
+            return objectives.diffusion_loss(model, self.sched, x, t, noise, yy, d.objective)
+        if d.objective == "rectified_flow":
+            return objectives.rectified_flow_loss(model, x, t, noise, yy)
+        if d.objective == "denoiser":
+            return objectives.denoiser_loss(model, x, noise, d.sigma)
+        return objectives.classifier_loss(model, self.sched, x, t, noise, y)
+
+    # ----- the run -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, info = self.cfg, self.info
+        # Wrap the net: memory format, DDP, compilation.
+        model = self.net
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            if self.ema is not None:  # same strides as the net, or the foreach EMA update falls back to a loop
+                self.ema.to(memory_format=torch.channels_last)
+        if self.dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed for the whole run
+        if info.world_size > 1:
+            # Every parameter gets a gradient every step: a static graph lets DDP skip the unused-parameter
+            # search, and bucket views avoid a gradient copy. BatchNorm running statistics (CS180 nets) are
+            # not broadcast before every forward: training uses batch statistics, and only rank 0's
+            # running statistics are saved and sampled with, so the broadcast would be a wasted collective.
+            model = DistributedDataParallel(model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+                                            gradient_as_bucket_view=True, static_graph=True, broadcast_buffers=False)
+        if cfg.train.compile and self.dev.type == "cuda":
+            print0(f"torch.compile cache: {use_persistent_cache()} (set TORCHINDUCTOR_CACHE_DIR to change)")
+            model = torch.compile(model)
+        # Initialize logging and the running statistics.
+        logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
+                           tensorboard=cfg.log.tensorboard)
+        progress = Progress(self.total, self.step, cfg.log.progress, info.is_main)
+        print0(f"{'resuming at step ' + str(self.step) if self.resumed else 'starting'}: {self.total} steps, "
+               f"global batch {cfg.train.batch_size} on {info.world_size} x {self.dev}, run dir {self.run_dir}")
+        T, check_every = cfg.diffusion.T, (1 if info.world_size == 1 else 10)
+        stats = torch.zeros(10, device=self.dev, dtype=torch.float64)  # loss sum, n, 4 bucket sums, 4 counts
+        bad = torch.zeros((), device=self.dev, dtype=torch.bool)
+        grad_norm = torch.zeros((), device=self.dev)
+        t_last, step_last = time.perf_counter(), self.step
+        t_start, step_start = t_last, self.step
+        with PreemptionHandler() as preempt:
+            while self.step < self.total:
+                # One optimizer step.
+                step = self.step
+                torch.manual_seed(mix_seed(cfg.train.seed, DROPOUT_STREAM, step, info.rank))
+                x, y = self.batcher.batch(step)
+                noise, t, drop = self.draws(step, x.shape)
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self.autocast:
+                    per_sample = self.loss(model, x, y, noise, t, drop)
+                loss = per_sample.mean()
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                log_now = (step + 1) % cfg.log.every == 0 or step + 1 == self.total
+                if cfg.train.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
+                elif log_now:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters()
+                                                               if p.grad is not None])
+                lr = lr_at(cfg, step, self.batcher.steps_per_epoch, self.total)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.step()
+                self.update_ema(step)
+                # Accumulate loss statistics on the device (no host sync until the next log step).
+                with torch.no_grad():
+                    ls = per_sample.detach().double()
+                    bad |= ~torch.isfinite(ls).all()
+                    q = (t * 4).long().clamp(max=3) if t.is_floating_point() else (t * 4 // T).clamp(max=3)
+                    stats[0] += ls.sum()
+                    stats[1] += ls.numel()
+                    stats[2:6].index_add_(0, q, ls)
+                    stats[6:10].index_add_(0, q, torch.ones_like(ls))
+                self.step += 1
+                # A signal during the last step needs no requeue: the run finishes and saves anyway.
+                stop = (self.step % check_every == 0 and self.step < self.total
+                        and should_stop(preempt.requested, self.dev))
+                # Log.
+                if log_now or stop:
+                    self.check_finite(bad)
+                    now = time.perf_counter()
+                    ips = (self.step - step_last) * cfg.train.batch_size / max(now - t_last, 1e-9)
+                    scalars = self.reduce_stats(stats, lr, grad_norm, ips)
+                    logger.log_scalars(self.step, scalars, epoch=self.batcher.epoch_of(self.step))
+                    progress.update(self.step, scalars["loss"], ips)
+                    stats.zero_()
+                    t_last, step_last = now, self.step
+                # Save state: on a preemption signal (then exit), every checkpoint.every steps, at the end.
+                if stop:
+                    self.save()
+                    progress.close()
+                    print0(f"preemption signal ({preempt.signal_name or 'peer rank'}) at step {self.step}: "
+                           f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
+                    logger.close()
+                    return REQUEUE_EXIT_CODE
+                if self.step % cfg.checkpoint.every == 0 or self.step == self.total:
+                    self.check_finite(bad)
+                    self.save()
+                # Sample.
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != self.total:
+                    self.write_samples(logger)
+        progress.close()
+        self.write_samples(logger)
+        logger.close()
+        wall = time.perf_counter() - t_start
+        ips = (self.total - step_start) * cfg.train.batch_size / max(wall, 1e-9)
+        print0(f"done: {self.total} steps, run dir {self.run_dir} ({self.total - step_start} steps in "
+               f"{datetime.timedelta(seconds=round(wall))}: {ips:,.0f} img/s on average, compilation, checkpoints "
+               "and samples included)")
+        return 0
+
+    def update_ema(self, step: int) -> None:
+        if self.ema is None:
+            return
+        decay = ema_decay_at(self.cfg.train.ema_decay, step)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - decay)
+            buffers = list(self.ema.buffers())
+            if buffers:
+                torch._foreach_copy_(buffers, list(self.net.buffers()))
+
+    def check_finite(self, bad: torch.Tensor) -> None:
+        if bool(reduce_mean(bad.double(), self.dev) > 0):
+            steps = self.ckpt.steps()
+            last = f"the last good checkpoint (step {steps[-1]}) is intact" if steps else "no checkpoint was written"
+            raise TrainingDiverged(f"the loss became NaN/Inf at or before step {self.step}; {last}; "
+                                   "lower train.lr or set train.grad_clip")
+
+    def reduce_stats(self, stats, lr, grad_norm, ips) -> dict:
+        s = reduce_mean(stats, self.dev).tolist()
+        out = {"loss": s[0] / max(s[1], 1), "lr": lr, "grad_norm": float(grad_norm), "images_per_s": ips}
+        if self.cfg.diffusion.objective != "denoiser":
+            out.update({f"loss/q{i}": s[2 + i] / s[6 + i] for i in range(4) if s[6 + i] > 0})
+        if self.dev.type == "cuda":
+            out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
+        return out
+
+    # ----- sample grids (rank 0) ---------------------------------------------------------------------
+    def write_samples(self, logger: RunLogger) -> None:
+        cfg = self.cfg
+        if self.info.is_main and cfg.diffusion.objective != "classifier":
+            net = self.ema if (cfg.sample.ema and self.ema is not None) else self.net
+            was_training = net.training
+            clean = self.batcher.batch(0) if cfg.diffusion.objective == "denoiser" else None
+            self.grids += write_event(cfg, net.eval(), step=self.step, run_dir=self.run_dir, device=self.dev,
+                                      logger=logger, ema=net is self.ema, clean_batch=clean, log=print0)
+            net.train(was_training)
+        barrier()
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN/Inf; the message says which checkpoint is intact."""

@@ -1,0 +1,90 @@
+"""The training job's sampling events (rank 0): every one writes, per guidance scale, an archive group in
+``RUN_DIR/samples.h5``, a TensorBoard image and a labelled PNG ``RUN_DIR/samples/step_XXXXXXXXX_<name>.png``.
+
+Training writes only these small grids; everything bigger is the evaluation job's.
+"""
+import math
+from pathlib import Path
+
+import torch
+
+from ddpm.config import Config
+from ddpm.data.datasets import DATASETS
+from ddpm.data.images import make_grid, model_to_uint8
+from ddpm.diffusion.from_config import effective_steps, generate
+from ddpm.run import samples
+from ddpm.run.grids import grid_figure
+from ddpm.run.metrics_log import RunLogger
+
+
+@torch.no_grad()
+def sample_events(cfg: Config, net, device, clean_batch=None) -> tuple[torch.Tensor, list]:
+    """(labels (N,), [(name, images in model space (N, C, H, W), attrs)]) of one event.
+
+    A generative run samples ``cfg.sample.per_class`` images per class (or as many unconditional ones)
+    for every guidance scale; a one-step denoiser run denoises the first images of ``clean_batch``
+    ((x, y) in model space) noised at its sigma. ``net`` must be in eval mode.
+    """
+    s, d = cfg.sample, cfg.diffusion
+    n_cls = getattr(net, "num_classes", 0)
+    labels = torch.arange(n_cls or DATASETS[cfg.data.dataset]["classes"]).repeat_interleave(s.per_class)
+    if d.objective == "denoiser":
+        x0, y0 = clean_batch
+        x0, labels = x0[: len(labels)], y0[: len(labels)].cpu()
+        g = torch.Generator(device).manual_seed(s.seed)
+        noisy = x0 + d.sigma * torch.randn(x0.shape, generator=g, device=device)
+        return labels, [(f"denoise_sigma{d.sigma:g}", net(noisy), dict(sampler="one_step_denoiser", sigma=d.sigma))]
+    events = []
+    for scale in s.guidance:
+        x = generate(net, cfg, labels if n_cls else None, n=len(labels), seed=s.seed, guidance=scale,
+                     convention=s.convention, device=device)
+        name = f"{s.convention}_{scale:g}" if n_cls else "uncond"
+        events.append((name, x, dict(sampler=s.sampler, steps=effective_steps(cfg),
+                                     guidance_scale=float(scale) if n_cls else None,
+                                     guidance_convention=s.convention if n_cls else None)))
+    return labels, events
+
+
+def write_event(cfg: Config, net, *, step: int, run_dir: Path, device, logger: RunLogger, ema: bool,
+                clean_batch=None, log=print) -> list[Path]:
+    """Sample one event and write it (archive, TensorBoard, PNG). Returns the PNGs written.
+
+    A PNG is not essential: failing to write one is a warning, never the end of the run."""
+    labels, events = sample_events(cfg, net, device, clean_batch)
+    norm = tuple(cfg.data.normalize) if cfg.data.normalize else None
+    base = dict(step=step, seed=cfg.sample.seed, ema=ema, config_hash=cfg.hash())
+    pngs = []
+    for name, x, attrs in events:
+        images = model_to_uint8(x, norm)
+        samples.write_samples(run_dir / "samples.h5", f"train/step_{step:09d}/{name}", images, labels.numpy(),
+                              {**base, **attrs})
+        grid = make_grid(images, nrow=cfg.sample.per_class)
+        logger.log_image(step, f"samples/{name}", grid)
+        path = run_dir / "samples" / f"step_{step:09d}_{name}.png"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            grid_png(cfg, path, grid, len(images), attrs, step=step, ema=ema)
+        except OSError as e:
+            log(f"warning: could not write the sample grid {path} ({e}); training goes on")
+            continue
+        pngs.append(path)
+    return pngs
+
+
+def grid_png(cfg: Config, path: Path, grid, n: int, attrs: dict, *, step: int, ema: bool) -> None:
+    """The event's grid (n images, ``per_class`` a row) with a title and, for class-conditional samples,
+    the class names as row labels."""
+    s = cfg.sample
+    conditional = attrs.get("guidance_scale") is not None
+    if conditional:
+        symbol = "γ" if s.convention == "gamma" else "w"
+        what = f"{symbol}={attrs['guidance_scale']:g} (guidance convention {s.convention})"
+    else:
+        what = str(attrs.get("sampler")).replace("_", " ")
+    steps = f", {attrs['steps']} steps" if attrs.get("steps") else ""
+    cols = min(s.per_class, n)
+    title = [f"{cfg.name} · step {step}: {what}",
+             f"{attrs.get('sampler')}{steps} · {'EMA' if ema else 'raw'} weights · {cols} samples per row"]
+    grid_figure(path, grid, title=title, rows=math.ceil(n / cols), cols=cols,
+                row_labels=list(DATASETS[cfg.data.dataset]["class_names"]) if conditional else None,
+                ylabel="requested class" if conditional else "")

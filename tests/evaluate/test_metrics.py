@@ -1,0 +1,190 @@
+"""ddpm.evaluate.feature_cnn / metrics / inception / jobs.train_classifier: Fréchet distance against closed forms, Inception
+Score limits, reproducible classifier training, caching, bad inputs, and the >= 99 % MNIST floor (slow)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.data.datasets import load_dataset
+from ddpm.errors import UserError
+from ddpm.evaluate import feature_cnn, metrics
+from ddpm.evaluate.inception import InceptionScorer, inception_score
+
+from conftest import ROOT, python_env
+
+
+def test_frechet_distance_closed_forms():
+    d, rng = 6, np.random.default_rng(0)
+    mu = rng.normal(size=d)
+    # N(0, I) vs N(mu, 4 I): |mu|^2 + d (1 + 4 - 2 * 2)
+    assert metrics.frechet_distance(np.zeros(d), np.eye(d), mu, 4 * np.eye(d)) == pytest.approx(mu @ mu + d)
+    a = rng.normal(size=(d, d))
+    s1 = a @ a.T + 0.1 * np.eye(d)
+    b = rng.normal(size=(d, d))
+    s2 = b @ b.T
+    assert metrics.frechet_distance(mu, s1, mu, s1) == pytest.approx(0, abs=1e-8)
+    fwd, back = metrics.frechet_distance(mu, s1, 0 * mu, s2), metrics.frechet_distance(0 * mu, s2, mu, s1)
+    assert fwd == pytest.approx(back, rel=1e-9)
+    # tr((S1 S2)^1/2) through the eigenvalues of S1 S2 (real and non-negative for PSD matrices)
+    cross = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    assert fwd == pytest.approx(mu @ mu + np.trace(s1) + np.trace(s2) - 2 * cross, rel=1e-7)
+    # a singular covariance (fewer samples than dimensions) still gives a finite, non-negative distance
+    feats = rng.normal(size=(3, d))
+    assert 0 <= metrics.frechet_distance(*metrics.feature_stats(feats), np.zeros(d), np.eye(d)) < np.inf
+
+
+def test_inception_score_limits():
+    assert inception_score(np.zeros((50, 1000))) == pytest.approx(1.0)
+    peaked = np.full((40, 1000), -50.0)
+    peaked[np.arange(40), np.arange(40) % 8] = 50.0  # confident, 8 classes equally often
+    assert inception_score(peaked, splits=1) == pytest.approx(8.0, rel=1e-6)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def small_test_split():
+    """The first 1000 MNIST test images stand in for the split in the quick tests (the slow test and the
+    job subprocess see all 10000): classifying 10000 images for every check would dominate the run time."""
+    import ddpm.data.datasets
+
+    real = ddpm.data.datasets.load_dataset
+
+    def first_1000(name, root, train=True, download=False):
+        images, labels = real(name, root, train, download)
+        return (images, labels) if train else (images[:1000], labels[:1000])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ddpm.data.datasets, "load_dataset", first_1000)
+        mp.setattr(feature_cnn, "load_dataset", first_1000)
+        yield
+
+
+@pytest.fixture(scope="module")
+def quick_classifier(tmp_path_factory, mnist_root, small_test_split):
+    """A classifier trained for 20 steps with the real recipe, and its path (weak but real)."""
+    net, meta, _ = feature_cnn.train_classifier("mnist", mnist_root, steps=20, log=lambda s: None)
+    path = tmp_path_factory.mktemp("clf") / "mnist_cnn.pt"
+    feature_cnn.save_classifier(path, net, meta)
+    return path, net, meta
+
+
+def test_classifier_training_is_reproducible(quick_classifier, mnist_root):
+    _, net, meta = quick_classifier
+    again, meta2, _ = feature_cnn.train_classifier("mnist", mnist_root, steps=20, log=lambda s: None)
+    for (k, a), b in zip(net.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert meta2["test_accuracy"] == meta["test_accuracy"] and meta["steps"] == 20
+    assert meta["test_accuracy"] > 0.3  # 20 steps already learn a lot; a broken loop stays near 0.1
+
+
+def test_save_load_and_reference_stats(quick_classifier, mnist_root, monkeypatch):
+    path, net, meta = quick_classifier
+    loaded, meta2 = feature_cnn.load_classifier(path, "mnist")
+    assert meta2["test_accuracy"] == meta["test_accuracy"]
+    images, labels = load_dataset("mnist", mnist_root, train=False)
+    images, labels = images[:1000], labels[:1000]  # as small_test_split does
+    logits, feats = feature_cnn.classify(loaded, images[:500])
+    assert logits.shape == (500, 10) and feats.shape == (500, feature_cnn.FEATURE_DIM)
+    assert metrics.accuracy(logits, labels[:500]) == pytest.approx(
+        metrics.accuracy(feature_cnn.classify(net, images[:500])[0], labels[:500]))
+
+    mu, sigma = feature_cnn.reference_stats(path, loaded, "mnist", mnist_root)
+    assert feature_cnn.stats_path(path).is_file() and mu.shape == (128,) and sigma.shape == (128, 128)
+    # the test set against its own statistics: distance 0
+    all_feats = feature_cnn.classify(loaded, images)[1].numpy()
+    assert metrics.frechet_distance(*metrics.feature_stats(all_feats), mu, sigma) == pytest.approx(0, abs=1e-4)
+    # cached: a second call does not touch the data
+    monkeypatch.setattr(feature_cnn, "classify", lambda *a, **k: pytest.fail("recomputed cached statistics"))
+    mu2, _ = feature_cnn.reference_stats(path, loaded, "mnist", mnist_root)
+    assert np.array_equal(mu, mu2)
+
+
+def test_load_classifier_bad_inputs(tmp_path, quick_classifier):
+    with pytest.raises(UserError, match="not found.*jobs.train_classifier"):
+        feature_cnn.load_classifier(tmp_path / "nope.pt", "mnist")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="not a classifier written by jobs.train_classifier"):
+        feature_cnn.load_classifier(junk, "mnist")
+    with pytest.raises(UserError, match="trained on mnist, but this run uses cifar10"):
+        feature_cnn.load_classifier(quick_classifier[0], "cifar10")
+
+
+def test_train_classifier_job_caches(tmp_path, mnist_root, capsys, small_test_split):
+    from jobs.train_classifier import main
+
+    out = tmp_path / "c" / "mnist_cnn.pt"
+    args = ["--dataset", "mnist", "--root", str(mnist_root), "--out", str(out), "--steps", "5"]
+    assert main(args) == 0
+    assert out.is_file() and feature_cnn.stats_path(out).is_file()
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already trained" in capsys.readouterr().out and out.read_bytes() == first
+
+
+def test_train_classifier_job_bad_inputs(tmp_path, capsys):
+    from jobs.train_classifier import main
+
+    for args, message in ((["--dataset", "svhn"], "unknown --dataset 'svhn'"),
+                          (["--dataset", "mnist", "--root", str(tmp_path / "none")], "MNIST not found"),
+                          (["--dataset", "mnist", "--steps", "0"], "--steps must be >= 1")):
+        assert main(args + ["--out", str(tmp_path / "x.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_classifier_reaches_99_percent_on_mnist(tmp_path, mnist_root):
+    """The real recipe, through the job, on real MNIST (a few minutes on 2 CPU cores)."""
+    out = tmp_path / "mnist_cnn.pt"
+    r = subprocess.run([sys.executable, "-m", "jobs.train_classifier", "--dataset", "mnist", "--root",
+                        str(mnist_root), "--out", str(out), "--device", "cpu"],
+                       cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr
+    _, meta = feature_cnn.load_classifier(out, "mnist")
+    assert meta["test_accuracy"] >= 0.99, meta
+    assert meta["steps"] == round(feature_cnn.RECIPES["mnist"]["epochs"] * (60000 // 128))
+
+
+def test_inception_weights_that_do_not_fit(tmp_path, mnist_root):
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(UserError, match="not a torchvision inception_v3 state dict"):
+        InceptionScorer(bad, "cpu", "mnist", mnist_root)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    with pytest.raises(UserError, match="cannot read Inception weights"):
+        InceptionScorer(junk, "cpu", "mnist", mnist_root)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A randomly initialised torchvision inception_v3 state dict (no download), as a user would pass it."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / "inception_v3.pt"
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_inception_fid_and_is(random_inception_weights, mnist_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(feature_cnn, "default_classifier_path", lambda d, r: tmp_path / "classifiers" / f"{d}_cnn.pt")
+    monkeypatch.setattr("ddpm.evaluate.inception.default_classifier_path", feature_cnn.default_classifier_path)
+    scorer = InceptionScorer(random_inception_weights, "cpu", "mnist", mnist_root, reference_images=8)
+    images, _ = load_dataset("mnist", mnist_root, train=False)
+    feats, logits = scorer.features_and_logits(images[:4])
+    assert feats.shape == (4, 2048) and logits.shape == (4, 1000)
+    fid_same, is_same = scorer.score(images[:8])  # the reference images themselves
+    assert fid_same == pytest.approx(0, abs=1e-3) and is_same >= 1.0
+    assert list((tmp_path / "classifiers").glob("mnist_inception_*_test8.npz"))
+    fid_other, _ = scorer.score(images[100:108])
+    assert fid_other > fid_same

@@ -1,0 +1,159 @@
+"""ddpm.train.dist: hostlists, rendezvous ports, launch detection, and a real 2-process gloo group."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ddpm.errors import UserError
+from ddpm.train import dist as ddist
+from ddpm.train.dist import (
+    init_distributed,
+    master_port,
+    parse_nodelist,
+    print0,
+    reduce_mean,
+)
+
+LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No torchrun / SLURM variables, and no CUDA (so results do not depend on the test machine)."""
+    for key in list(os.environ):
+        if key in LAUNCH_VARS or key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+    ("node1,node[3-4]", ["node1", "node3", "node4"]),
+    ("localhost", ["localhost"]),
+    ("n[008-010]", ["n008", "n009", "n010"]),
+    ("a-b[1-2],c", ["a-b1", "a-b2", "c"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("x[5]", ["x5"]),
+    ("", []),
+])
+def test_parse_nodelist(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["gpu[01-03", "gpu]1[", "gpu[a-b]"])
+def test_parse_nodelist_rejects_malformed(bad):
+    with pytest.raises(ValueError):
+        parse_nodelist(bad)
+
+
+def test_master_port_deterministic_in_range_and_moves_on_restart():
+    assert master_port(123456, 0) == master_port(123456, 0)
+    for job in [0, 1, 7, 123456, 987654321, 2**40]:
+        ports = [master_port(job, r) for r in range(4)]
+        assert all(20000 <= p < 60000 for p in ports)
+        assert len(set(ports)) == 4
+    assert len({master_port(job, 0) for job in range(1000, 1100)}) > 90  # jobs on one node rarely collide
+
+
+def test_slurm_rendezvous_from_nodelist_and_job_id(clean_env):
+    env = dict(SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[07-08]",
+               SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2")
+    rank, world, local, rdv = ddist._launch_info(env)
+    assert (rank, world, local) == (3, 8, 1)
+    assert rdv == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port(4242, 2))}
+    env.update(MASTER_ADDR="head", MASTER_PORT="29500")  # exported by the batch script: they win
+    assert ddist._launch_info(env)[3] == {}
+
+
+def test_torchrun_variables_take_precedence():
+    env = dict(RANK="1", WORLD_SIZE="4", LOCAL_RANK="1", SLURM_PROCID="0", SLURM_NTASKS="2")
+    assert ddist._launch_info(env)[:3] == (1, 4, 1)
+
+
+def test_no_launcher_is_single_process(clean_env):
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.local_rank, info.backend) == (0, 1, 0, None)
+    assert info.device == torch.device("cpu") and info.is_main and not dist.is_initialized()
+
+
+def test_one_task_slurm_job_is_single_process(clean_env):
+    # No SLURM_JOB_NODELIST: a single process must not need (or parse) any rendezvous information.
+    for key, value in dict(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_ID="7").items():
+        clean_env.setenv(key, value)
+    info = init_distributed("cpu")
+    assert info.world_size == 1 and info.backend is None and not dist.is_initialized()
+
+
+def test_cuda_requested_without_cuda(clean_env):
+    with pytest.raises(UserError, match="train.device=cuda but CUDA is not available.*train.device=auto"):
+        init_distributed("cuda")
+
+
+def test_auto_falls_back_to_cpu_on_gpu_less_node(clean_env):
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert init_distributed("auto").device == torch.device("cpu")
+
+
+def test_unknown_device(clean_env):
+    with pytest.raises(UserError, match="train.device=tpu"):
+        init_distributed("tpu")
+
+
+def test_torchrun_without_master_addr_fails_fast(clean_env):
+    clean_env.setenv("RANK", "0")
+    clean_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="MASTER_ADDR"):
+        init_distributed("cpu")
+
+
+def test_helpers_without_process_group(clean_env, capsys):
+    assert reduce_mean({"b": 2, "a": 1}, "cpu") == {"a": 1.0, "b": 2.0}
+    t = torch.tensor([1.0, 3.0])
+    assert torch.equal(reduce_mean(t, "cpu"), t)
+    ddist.barrier()
+    ddist.cleanup()
+    print0("hello")
+    clean_env.setenv("RANK", "1")
+    print0("from rank 1")
+    assert capsys.readouterr().out == "hello\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's intra-op thread pool
+    for key in LAUNCH_VARS:
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
+                      SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="99", MASTER_PORT=str(port))
+    info = init_distributed("cpu", timeout_s=60)
+    means = reduce_mean({"a": float(rank), "b": 10.0 * rank}, info.device)
+    tensor = reduce_mean(torch.tensor([rank, 2.0 * rank]), info.device)
+    print0("printed once")
+    ddist.barrier()
+    result = dict(rank=info.rank, world=info.world_size, backend=info.backend, main=info.is_main,
+                  addr=os.environ["MASTER_ADDR"], means=means, tensor=tensor.tolist())
+    ddist.cleanup()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_two_process_gloo_group_over_slurm_variables(tmp_path, capfd):
+    # fork: the children already have torch imported (spawn re-imports it: ~10 s more on 2 busy cores).
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, res in enumerate(results):
+        assert (res["rank"], res["world"], res["backend"], res["main"]) == (r, 2, "gloo", r == 0)
+        assert res["addr"] == "localhost"
+        assert res["means"] == {"a": 0.5, "b": 5.0}
+        assert res["tensor"] == [0.5, 1.0]
+    assert capfd.readouterr().out.count("printed once") == 1
