@@ -58,6 +58,7 @@ class TrainConfig:
     channels_last: bool = False         # channels_last memory format (CPU and CUDA)
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0
+    collective_timeout_s: int = 600     # how long a collective waits for a peer rank before the job fails
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,14 @@ RANGES = {
     "diffusion.p_uncond": (0, 1, True), "diffusion.sigma": (0, None, False),
     "train.batch_size": (1, None, True), "train.epochs": (0, None, False), "train.steps": (1, None, True),
     "train.lr": (0, None, False), "train.weight_decay": (0, None, True), "train.lr_gamma": (0, None, False),
-    "train.warmup_steps": (0, None, True), "train.grad_clip": (0, None, True), "train.ema_decay": (0, 1, True),
+    "train.warmup_steps": (0, None, True), "train.collective_timeout_s": (10, None, True), "train.grad_clip": (0, None, True), "train.ema_decay": (0, 1, True),
     "log.every": (1, None, True), "log.sample_every": (0, None, True), "checkpoint.every": (1, None, True),
     "checkpoint.keep_last": (1, None, True), "checkpoint.keep_every": (0, None, True),
     "sample.steps": (0, None, True), "sample.per_class": (1, None, True),
 }
+# List keys whose elements must be numbers: key -> fixed length (None: any length).
+LIST_ITEMS = {"sample.guidance": (None, "[1.0, 5.0]"), "train.betas": (2, "[0.9, 0.999]"),
+              "train.lr_milestones": (None, "[6, 8]"), "data.normalize": (2, "[0.1307, 0.3081]")}
 # Injected from data/diffusion; a config may not set them.
 DERIVED_NET_KEYS = ("in_channels", "image_size", "T")
 
@@ -254,8 +258,27 @@ def _coerce(key: str, value, annotation: str):
             raise UserError(f"{key} must be a string, got {value!r}")
         return value
     if base == "list":
-        return list(value) if isinstance(value, (list, tuple)) else [value]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return _check_items(key, items) if key in LIST_ITEMS else items
     return value
+
+
+def _check_items(key: str, items: list) -> list:
+    """Every element a finite number (YAML reads 1e-4 as a string), and the fixed length where there is one."""
+    length, example = LIST_ITEMS[key]
+    out = []
+    for v in items:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{key} must be a list of numbers, got {items!r} (e.g. {key}={example})")
+        out.append(v)
+    if length is not None and len(out) != length:
+        raise UserError(f"{key} must hold exactly {length} numbers, got {len(out)}: {items!r} (e.g. {key}={example})")
+    return out
 
 
 def _section(cls, key: str, raw):

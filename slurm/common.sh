@@ -10,7 +10,15 @@
 #     dir, and resumes it. After a SIGTERM the shell never requeues: SLURM already decided (requeue,
 #     preemption -> back in the queue; scancel -> cancelled; time limit -> TIMEOUT);
 #   * exit 2 is never requeued, and bad overrides are caught before srun by a --dry-run in the batch
-#     shell, so the one-line `error: ...` is the first line of the log.
+#     shell, so the one-line `error: ...` is the first line of the log; exit 74 (out of disk space or
+#     quota) is never requeued either: it would fail again;
+#   * a requeue only when the run advanced: the newest checkpoint's step is compared with the one the
+#     job started from, and after DDPM_MAX_IDLE_RESTARTS (default 2) restarts in a row without a new
+#     checkpoint the job ends with one line saying why (a time limit or preemption that comes before
+#     the first new checkpoint would otherwise requeue it forever);
+#   * srun --kill-on-bad-exit=1: a rank that crashes takes the step down at once, instead of leaving
+#     the other ranks waiting in a collective (train.collective_timeout_s), and that is a failure,
+#     not a preemption: exit status != 75, no requeue.
 
 export PYTHONPATH="$DDPM_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, installed or not
 export PYTHONUNBUFFERED=1                                   # log lines appear as they happen
@@ -75,9 +83,33 @@ ddpm_requeue() {
   return "$1"
 }
 
-# ddpm_run_step CMD...: run CMD (srun ...) in the background so that trapped signals reach it, wait for
-# it, and requeue the job if it asks for that. Returns CMD's exit status otherwise.
+# ddpm_latest_step RUN_DIR: the step of the newest complete checkpoint (0 if none).
+ddpm_latest_step() {
+  local name
+  name=$(cat "$1/checkpoints/latest" 2>/dev/null) || { echo 0; return; }
+  name=${name#step_}
+  [[ "$name" =~ ^[0-9]+$ ]] && echo $(( 10#$name )) || echo 0
+}
+
+# ddpm_idle_restarts RUN_DIR [STEP]: how many restarts in a row ended without a new checkpoint, kept in
+# RUN_DIR/restarts_without_progress (ddpm.run.rundir.RESTARTS_FILE) as "<count> <step>". With STEP, first record this run's end: the count
+# goes back to 0 when STEP is past the recorded step, and up by one otherwise.
+ddpm_idle_restarts() {
+  local file="$1/restarts_without_progress" count=0 step=-1
+  if [ -f "$file" ]; then read -r count step < "$file" || true; fi
+  if [ $# -ge 2 ]; then
+    if [ "$2" -gt "${step:--1}" ]; then count=0; else count=$(( ${count:-0} + 1 )); fi
+    mkdir -p "$1" && echo "$count $2" > "$file.tmp" && mv -f "$file.tmp" "$file"
+  fi
+  echo "${count:-0}"
+}
+
+# ddpm_run_step RUN_DIR CMD...: run CMD (srun ...) in the background so that trapped signals reach it,
+# wait for it, and requeue the job if it asks for that and trained since the last restart. Returns
+# CMD's exit status otherwise.
 ddpm_run_step() {
+  local run_dir=$1 idle max_idle=${DDPM_MAX_IDLE_RESTARTS:-2}
+  shift
   "$@" &
   _ddpm_pid=$!
   # `wait` returns early whenever a trapped signal arrives; wait again until the step has really ended,
@@ -88,6 +120,14 @@ ddpm_run_step() {
   # A task killed by the forwarded USR2 before Python installed its handler (rc > 128) also has
   # nothing to lose by a requeue: the rerun resumes from the newest checkpoint.
   if [ "$rc" = "$REQUEUE_EXIT_CODE" ] || { [ "$_ddpm_usr2" = 1 ] && [ "$rc" -gt 128 ]; }; then
+    idle=$(ddpm_idle_restarts "$run_dir" "$(ddpm_latest_step "$run_dir")")
+    if [ "$idle" -gt "$max_idle" ]; then
+      ddpm_log "error: $idle restarts in a row ended before a new checkpoint (newest: step $(ddpm_latest_step "$run_dir")):" \
+               "the time limit or preemption comes before training reaches one; not requeueing. Give it a longer" \
+               "lead (#SBATCH --signal=B:USR2@300), a longer --time or a smaller checkpoint.every, then resubmit" \
+               "with DDPM_RUN_DIR=$run_dir (or raise DDPM_MAX_IDLE_RESTARTS)"
+      return 1
+    fi
     if [ "$_ddpm_term" = 1 ]; then
       ddpm_log "training stopped after SIGTERM (exit $rc); SLURM itself requeues or cancels the job"
       return "$rc"
@@ -101,7 +141,7 @@ ddpm_run_step() {
 
 # ddpm_train CONFIG RUN_DIR [key.sub=value ...]: validate, print where and how, then train under srun.
 ddpm_train() {
-  local config run_dir plan
+  local config run_dir plan idle
   config=$(ddpm_resolve_config "$1")
   run_dir=$2
   shift 2
@@ -118,7 +158,13 @@ ddpm_train() {
   ddpm_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s):" \
            "${SLURM_JOB_NUM_NODES:-1} node(s), ${SLURM_NTASKS:-1} task(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
   ddpm_log "config $config ${*:+with $* }-> ${plan##*$'\n'}; python $(command -v "$PYTHON")"
-  ddpm_run_step srun "$PYTHON" -m jobs.train --config "$config" "$@" --run-dir "$run_dir"
+  idle=$(ddpm_idle_restarts "$run_dir")
+  if [ "$idle" -gt "${DDPM_MAX_IDLE_RESTARTS:-2}" ]; then  # SLURM requeued it itself (preemption), again
+    ddpm_log "error: $idle restarts in a row ended before a new checkpoint; not training again. See the" \
+             "earlier restarts in this log; rm $run_dir/restarts_without_progress to try once more"
+    return 1
+  fi
+  ddpm_run_step "$run_dir" srun --kill-on-bad-exit=1 "$PYTHON" -m jobs.train --config "$config" "$@" --run-dir "$run_dir"
 }
 
 # ddpm_sweep_runs FILE: the run lines of a sweep file, one per line; `#` starts a comment (at the start

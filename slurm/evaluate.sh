@@ -32,4 +32,4 @@ if [ ! -f "$run_dir/config.json" ]; then
   exit 2
 fi
 ddpm_log "job $SLURM_JOB_ID: evaluating $run_dir${*:+ with $*}; python $(command -v "$PYTHON")"
-srun "$PYTHON" -m jobs.evaluate "$run_dir" "$@"
+srun --kill-on-bad-exit=1 "$PYTHON" -m jobs.evaluate "$run_dir" "$@"

@@ -61,6 +61,12 @@ def test_overrides_parse_types_and_replace_run_length():
     ("model.T=5", "conflicts with the value derived"),
     ("sample.steps=301", "exceeds diffusion.T=300"),
     ("sample.sampler=euler", "does not fit diffusion.objective=eps"),
+    ("sample.guidance=[a,b]", r"sample.guidance must be a list of numbers, got \['a', 'b'\]"),
+    ("sample.guidance=[1, .nan]", "sample.guidance must be a list of numbers"),
+    ("train.betas=[0.9]", "train.betas must hold exactly 2 numbers"),
+    ("train.lr_milestones=[true]", "train.lr_milestones must be a list of numbers"),
+    ("data.normalize=[0.5, x]", "data.normalize must be a list of numbers"),
+    ("train.collective_timeout_s=1", r"train.collective_timeout_s must be in \[10, inf\)"),
     ("train.epochs=3", None),  # fine: replaces nothing wrong
 ])
 def test_bad_values_are_one_line_errors(override, match):

@@ -29,7 +29,7 @@ import submitit
 
 from ddpm.cluster import slurm
 from ddpm.cluster.sweep import JobSpec, write_manifest
-from ddpm.errors import REQUEUE_EXIT_CODE, UserError
+from ddpm.errors import NO_SPACE_EXIT_CODE, REQUEUE_EXIT_CODE, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # holds ddpm/ and jobs/
 
@@ -46,6 +46,18 @@ def _ignore_preemption_signal() -> None:
     signal.signal(_preemption_signal(), signal.SIG_IGN)
 
 
+MAX_IDLE_RESTARTS = 2  # restarts in a row without a new checkpoint before a job stops requeueing itself
+
+
+def latest_step(run_dir) -> int:
+    """The step of the run's newest complete checkpoint (``checkpoints/latest``), -1 without one."""
+    try:
+        name = (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+        return int(name.removeprefix("step_"))
+    except (OSError, ValueError):
+        return -1
+
+
 class TrainingFailed(Exception):
     """jobs.train exited with an error; the message names the exit code and what it means."""
 
@@ -54,6 +66,7 @@ def _meaning(rc: int) -> str:
     if rc < 0:
         return f"killed by {signal.Signals(-rc).name if -rc in signal.valid_signals() else f'signal {-rc}'}"
     return {1: "diverged or crashed: see the traceback above", 2: "bad input: see the 'error:' line above",
+            NO_SPACE_EXIT_CODE: "out of disk space or quota: see the 'error:' line above; not requeued",
             REQUEUE_EXIT_CODE: "checkpoint saved after a stop signal, but the job was not requeued; "
                                "resubmit the same --run-dir to resume"}.get(rc, "see the log above")
 
@@ -66,10 +79,13 @@ class TrainJob(submitit.helpers.Checkpointable):
     grace_s: how long checkpoint() waits for the child to save (keep it below the signal delay).
     """
 
-    def __init__(self, config: str, overrides: list[str], run_dir: str, cwd: str, grace_s: float = 60.0):
+    def __init__(self, config: str, overrides: list[str], run_dir: str, cwd: str, grace_s: float = 60.0,
+                 max_idle_restarts: int = MAX_IDLE_RESTARTS):
         self.config, self.overrides, self.run_dir, self.cwd = config, list(overrides), run_dir, cwd
-        self.grace_s = grace_s
+        self.grace_s, self.max_idle_restarts = grace_s, max_idle_restarts
         self.outcome: int | None = None  # set when the child ended on its own while a signal was handled
+        self.start_step = -1             # the newest checkpoint's step when this run of the job started
+        self.idle_restarts = 0           # restarts in a row that ended without a new checkpoint
         self._child: subprocess.Popen | None = None
         self._rc: int | None = None
 
@@ -81,6 +97,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         """The submitit entry point (every task). Returns {"run_dir", "returncode"}; raises TrainingFailed."""
+        self.start_step = latest_step(self.run_dir)
         rc = self.outcome if self.outcome is not None else self._run_child(dict(os.environ))
         if rc == REQUEUE_EXIT_CODE:
             self._await_requeue()
@@ -129,6 +146,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         if rc is not None and rc >= 0 and rc != REQUEUE_EXIT_CODE:
             self.outcome = rc  # it finished (or failed) on its own: the rerun only reports that
         state = "still running" if rc is None else f"exited with {rc}"
+        step = latest_step(self.run_dir)
+        if self.outcome is None:  # stopped for the signal: a restart; did this run get anywhere?
+            self.idle_restarts = 0 if step > self.start_step else self.idle_restarts + 1
+        if self.idle_restarts > self.max_idle_restarts and self.outcome is None:
+            # submitit: no DelayedSubmission means no requeue; the job ends as not completed.
+            print(f"ddpm.launch: error: {self.idle_restarts} restarts in a row ended before a new checkpoint "
+                  f"(newest: step {step}): the time limit or preemption comes before training reaches one; not "
+                  "requeueing. Give it a longer --signal-delay or --time, or a smaller checkpoint.every, and "
+                  f"submit again with the same run dir ({self.run_dir})", flush=True)
+            return None
         print(f"ddpm.launch: {sig.name}: jobs.train {state}; requeueing (run dir {self.run_dir})", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
@@ -188,7 +215,9 @@ class Resources:
         p = {"job_name": job_name, "time": math.ceil(self.time_s / 60), "nodes": self.nodes,
              "ntasks_per_node": self.tasks_per_node, "signal_delay_s": self.signal_delay_s,
              "setup": [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
-             "additional_parameters": {"requeue": True}}  # clusters with JobRequeue=0 need it
+             "additional_parameters": {"requeue": True},  # clusters with JobRequeue=0 need it
+             # A crashed rank takes the step down at once instead of leaving its peers in a collective.
+             "srun_args": ["--kill-on-bad-exit=1"]}
         optional = {"gpus_per_node": self.gpus_per_node or None, "partition": self.partition,
                     "cpus_per_task": self.cpus_per_task, "mem": self.mem, "account": self.account}
         return {**p, **{k: v for k, v in optional.items() if v is not None}}
@@ -196,7 +225,7 @@ class Resources:
 
 def sbatch_flags(params: dict, n_jobs: int) -> str:
     """What the sbatch script will say, for --dry-run (submitit adds output/error paths)."""
-    p = {k: v for k, v in params.items() if k not in ("setup", "additional_parameters", "signal_delay_s")}
+    p = {k: v for k, v in params.items() if k not in ("setup", "additional_parameters", "signal_delay_s", "srun_args")}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in p.items()]
     flags += [f"--signal=USR2@{params['signal_delay_s']}", "--requeue", "--open-mode=append"]
     return " ".join(flags + ([f"--array=0-{n_jobs - 1}"] if n_jobs > 1 else []))

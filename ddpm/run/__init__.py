@@ -10,5 +10,7 @@ metrics without importing torch):
   ``list_groups``, ``export_npz``)
 - ``ddpm.run.metrics_log``: ``RunLogger`` (TensorBoard + ``metrics.jsonl``), ``read_metrics``
 - ``ddpm.run.grids``: labelled sample-grid PNGs (``grid_figure``)
-- ``ddpm.run.atomic``: the one atomic write (``atomic_write``, ``atomic_path``)
+- ``ddpm.run.atomic``: the one atomic write (``atomic_write``, ``atomic_path``), ``writing`` (disk full →
+  ``OutOfSpace``), ``damaged_name``
+- ``ddpm.run.lock``: ``RunLock`` (one writer per run dir: ``lock.json`` with a heartbeat, stale locks taken over)
 """

@@ -6,7 +6,10 @@ stale ``NAME.tmp`` left by a killed writer is overwritten by the next write.
 import contextlib
 import errno
 import os
+import time
 from pathlib import Path
+
+from ddpm.errors import OutOfSpace, out_of_space
 
 
 def fsync_dir(directory) -> None:
@@ -55,3 +58,28 @@ def atomic_write(path, data: str | bytes) -> None:
     """Replace ``path``'s content with ``data`` (text is written as UTF-8) atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def damaged_name(path) -> Path:
+    """A new name beside ``path`` to move a damaged file to: ``NAME.damaged-YYYYmmdd-HHMMSS``."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, k = path.with_name(f"{path.name}.damaged-{stamp}"), 1
+    while aside.exists():
+        aside, k = path.with_name(f"{path.name}.damaged-{stamp}-{k}"), k + 1
+    return aside
+
+
+@contextlib.contextmanager
+def writing(what: str, path):
+    """Turn a disk-full / quota / file-size failure inside the block into :class:`OutOfSpace` (what was
+    being written, where), whatever library raised it; other errors pass unchanged."""
+    try:
+        yield
+    except OutOfSpace:
+        raise
+    except Exception as e:
+        error = out_of_space(e)
+        if error is None:
+            raise
+        raise OutOfSpace(what, path, error) from None

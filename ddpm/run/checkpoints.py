@@ -173,21 +173,29 @@ class CheckpointManager:
 
         final = self.directory / _dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
+        aside = final.with_name(final.name + ".old")
+        try:
+            self._write(step, state, tmp, final, aside)
+        except BaseException:
+            self._undo(tmp, final, aside)  # a failed save (a full disk, say) leaves the previous state
+            raise
+        _remove(aside)
+        self._apply_retention(step)
+        return final
+
+    def _write(self, step: int, state: dict, tmp: Path, final: Path, aside: Path) -> None:
         tmp.mkdir()
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
-
         # Re-saving an existing step (a resumed run): the old copy stays (as .old, still loadable)
         # until the new one has its manifest.
-        aside = final.with_name(final.name + ".old")
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)
         fsync_dir(self.directory)
-
         size = (final / STATE_FILE).stat().st_size
         manifest = {
             "step": step,
@@ -197,9 +205,18 @@ class CheckpointManager:
         }
         atomic_write(final / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
         atomic_write(self.directory / LATEST_FILE, final.name + "\n")
-        _remove(aside)
-        self._apply_retention(step)
-        return final
+
+    def _undo(self, tmp: Path, final: Path, aside: Path) -> None:
+        """Remove what a failed save left (best effort: the disk may still be full)."""
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if final.exists() and not (final / MANIFEST_FILE).is_file():
+                shutil.rmtree(final)
+            if aside.exists() and not final.exists():
+                os.replace(aside, final)
+        except OSError:
+            pass  # the next save's _clean_leftovers finishes the job
 
     def _clean_leftovers(self) -> None:
         """Remove ``*.tmp`` debris of a crashed save; put back a moved-aside checkpoint whose

@@ -11,13 +11,14 @@ old events from step k + 1 on). In the end every optimizer step appears exactly 
 import json
 import math
 import os
+import struct
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ddpm.errors import UserError
-from ddpm.run.atomic import atomic_write
+from ddpm.run.atomic import atomic_write, damaged_name
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -31,7 +32,7 @@ class RunLogger:
     """
 
     def __init__(self, run_dir, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, log=print):
         self.enabled = enabled
         self._metrics = None
         self._tb = None
@@ -40,7 +41,9 @@ class RunLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = run_dir / METRICS_FILE
-        _repair_metrics(metrics_path, resume_step)
+        _repair_metrics(metrics_path, resume_step, log)
+        for damaged in set_aside_damaged_events(run_dir / TB_DIR):
+            log(f"warning: TensorBoard event file {damaged.name} is damaged; moved it to {damaged}, logging goes on")
         # Line-buffered: each row reaches the OS as soon as it is written, so a killed job loses at
         # most the row in progress (which readers and the next resume drop).
         self._metrics = open(metrics_path, "a", buffering=1, encoding="utf-8")
@@ -118,7 +121,7 @@ def read_metrics(path) -> list[dict]:
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def _parse_rows(path: Path) -> list[dict]:
+def _parse_rows(path: Path, skip_damaged: bool = False) -> list[dict]:
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     # A complete file ends with "\n", so the last element is "" or the row being written when killed:
     # either way it is not a complete row.
@@ -132,22 +135,68 @@ def _parse_rows(path: Path) -> list[dict]:
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 raise ValueError("no integer 'step'")
         except ValueError as e:
+            if skip_damaged:
+                continue
             raise UserError(f"{path} line {i} is not a metrics row ({e}); delete that line") from None
         rows.append(row)
     return rows
 
 
-def _repair_metrics(path: Path, resume_step: int | None) -> None:
+def _repair_metrics(path: Path, resume_step: int | None, log=print) -> None:
     """Atomically rewrite metrics.jsonl without a truncated last line and, when resuming, without rows
     after resume_step. Untouched when nothing would change (it is appended to, not rewritten, on a
-    normal start)."""
+    normal start). A damaged line elsewhere (a stray write, a full disk) does not stop training: the
+    file is kept as ``metrics.jsonl.damaged-<time>`` and the new one holds every readable row."""
     if not path.exists():
         return
     data = path.read_bytes()
     if resume_step is None and (not data or data.endswith(b"\n")):
         return
-    rows = [r for r in _parse_rows(path) if resume_step is None or r["step"] <= resume_step]
+    try:
+        parsed = _parse_rows(path)
+    except UserError:
+        aside = damaged_name(path)
+        os.replace(path, aside)
+        parsed = _parse_rows(aside, skip_damaged=True)
+        log(f"warning: {path} has damaged lines; moved it to {aside} and kept its {len(parsed)} readable rows "
+            "in a new one")
+    rows = [r for r in parsed if resume_step is None or r["step"] <= resume_step]
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def set_aside_damaged_events(tb_dir: Path) -> list[Path]:
+    """Move TensorBoard event files whose records fail their checksums to ``RUN_DIR/tb-damaged/`` (outside
+    the folder TensorBoard reads). A record cut short at the end is what a killed writer leaves: fine."""
+    moved = []
+    for f in sorted(tb_dir.glob("events.out.tfevents.*")) if tb_dir.is_dir() else []:
+        if _events_intact(f):
+            continue
+        target = tb_dir.parent / "tb-damaged" / f.name
+        target.parent.mkdir(exist_ok=True)
+        os.replace(f, target)
+        moved.append(target)
+    return moved
+
+
+def _events_intact(path: Path) -> bool:
+    """TFRecord framing: uint64 length, masked crc32c of it, data, masked crc32c of the data."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+        header, (crc,) = data[pos:pos + 8], struct.unpack("<I", data[pos + 8:pos + 12])
+        if masked_crc32c(header) != crc:
+            return False
+        (length,) = struct.unpack("<Q", header)
+        end = pos + 12 + length + 4
+        if end > len(data):
+            return True  # cut short by a kill: the writer's last record
+        (crc,) = struct.unpack("<I", data[end - 4:end])
+        if masked_crc32c(data[pos + 12:end - 4]) != crc:
+            return False
+        pos = end
+    return True
 
 
 def _number(v):

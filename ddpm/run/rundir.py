@@ -11,9 +11,15 @@ from pathlib import Path
 from ddpm.config import Config, from_dict
 from ddpm.errors import UserError
 from ddpm.run.atomic import atomic_write
+from ddpm.run.lock import LOCK_FILE
 
+# What the jobs themselves keep in a run dir besides the run: the lock (ddpm.run.lock) and the count of
+# restarts without progress that slurm/common.sh keeps.
+RESTARTS_FILE = "restarts_without_progress"
+BOOKKEEPING = (LOCK_FILE, RESTARTS_FILE)
 # Keys that may change when a run is resumed: where data lives, how it is logged, how long it runs.
 RESUMABLE_CHANGES = ("data.root", "data.download", "train.device", "train.compile", "train.steps", "train.epochs",
+                     "train.collective_timeout_s",
                      "log.", "checkpoint.", "sample.", "run_root")
 
 
@@ -49,9 +55,15 @@ def read_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json); pass a directory made by jobs.train")
     try:
-        return from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore it from a backup") from None
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} is not a run config (a JSON mapping); restore it from a backup, or rerun "
+                            "jobs.train on this run dir with --force and its config to rewrite it")
+        return from_dict(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not text"
+        raise UserError(f"{path} is not valid JSON ({detail}); restore it from a backup, or rerun jobs.train on this "
+                        "run dir with --force and its config to rewrite it") from None
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path | None, force: bool = False) -> tuple[Path, bool]:
@@ -64,14 +76,25 @@ def prepare_run_dir(cfg: Config, run_dir: Path | None, force: bool = False) -> t
         return default_run_dir(cfg), False
     run_dir = Path(run_dir)
     if (run_dir / "config.json").is_file():
-        old = json.loads((run_dir / "config.json").read_text())
+        try:
+            old = json.loads((run_dir / "config.json").read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a mapping")
+        except (ValueError, UnicodeDecodeError) as e:
+            if not force:
+                raise UserError(f"{run_dir / 'config.json'} is damaged ({' '.join(str(e).split())[:80]}); rerun the "
+                                "same command with --force to rewrite it from your config and resume from the newest "
+                                "checkpoint, or restore it from a backup") from None
+            return run_dir, True
         diff = config_differences(old, cfg.to_dict())
         if diff and not force:
             shown = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
             raise UserError(f"{run_dir} belongs to a different config (differs in {shown}); "
                             "pick a new --run-dir, or pass --force to continue it with the new config")
         return run_dir, True
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    # A job that died before writing config.json leaves only its bookkeeping: still a new run.
+    if run_dir.exists() and (not run_dir.is_dir() or any(p.name not in BOOKKEEPING and not p.name.startswith(".clock-")
+                                                          for p in run_dir.iterdir())):
         raise UserError(f"{run_dir} exists and is not a run directory (no config.json); pick a new or empty --run-dir")
     return run_dir, False
 

@@ -13,20 +13,24 @@ over ``samples.h5`` (then fsyncs the directory). A job killed at any moment leav
 it was before or after the write, with every earlier group readable. The price is one file copy per
 write, fine for training-time sample grids; write big evaluation sets as few large groups.
 
-Writing one archive from two processes at once is NOT supported (the last rename wins and the other
-process's group is lost): write from rank 0 only, and give concurrent jobs different files.
+Two processes may write one archive (the training job and an evaluation of the same run): each write
+holds ``samples.h5.lock`` (:class:`ddpm.run.lock.RunLock`) around its copy-modify-rename, so neither
+loses the other's group; a second writer waits for the first.
 """
 import datetime
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ddpm.errors import UserError
-from ddpm.run.atomic import atomic_path
+from ddpm.run.atomic import atomic_path, damaged_name
+from ddpm.run.lock import RunLock
 
 CHUNK_ROWS = 64  # images per chunk: reading a few samples back decompresses at most 64 images
+LOCK_WAIT_S = 600  # how long a writer waits for another one (training vs evaluation) to finish its group
 
 
 def write_samples(path, group: str, images: np.ndarray, labels: np.ndarray, attrs: dict) -> None:
@@ -49,10 +53,11 @@ def write_samples(path, group: str, images: np.ndarray, labels: np.ndarray, attr
     stored_attrs = {k: _attr_value(group, k, v) for k, v in attrs.items()}
     stored_attrs.setdefault("created", datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
-    if os.path.exists(path):
-        _check_hdf5(path)
-    with atomic_path(path) as tmp:  # a stale tmp from a killed write is simply overwritten
+    lock = RunLock(os.path.dirname(os.path.abspath(path)), name=os.path.basename(path) + ".lock",
+                   what="sample archive", own_job_takes_over=False)
+    with lock.acquire(wait_s=LOCK_WAIT_S), atomic_path(path) as tmp:  # a stale tmp is simply overwritten
         if os.path.exists(path):
+            _check_hdf5(path)
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+" if os.path.exists(path) else "w") as f:
             _check_group_slot(f, path, group)
@@ -68,6 +73,20 @@ def write_samples(path, group: str, images: np.ndarray, labels: np.ndarray, attr
                              compression_opts=4)
             for k, v in stored_attrs.items():
                 g.attrs[k] = v
+
+
+def set_aside_if_damaged(path) -> Path | None:
+    """If ``path`` exists but is not a readable archive, move it to ``PATH.damaged-<time>`` (returned),
+    so that writing starts a fresh one; a readable archive (or none) is left alone (returns None)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        _open_read(path).close()
+        return None
+    except UserError:
+        aside = damaged_name(path)
+        os.replace(path, aside)
+        return aside
 
 
 def list_groups(path) -> list[str]:

@@ -3,7 +3,8 @@
 
 Public surface (import from the modules):
 
-- ``ddpm.train.loop``: ``Trainer`` (the one training loop), ``TrainingDiverged``
+- ``ddpm.train.job``: ``train`` (the training job: config → run dir → lock → Trainer → closing lines)
+- ``ddpm.train.loop``: ``Trainer`` (the one training loop)
 - ``ddpm.train.schedules``: ``total_steps``, ``lr_at``, ``ema_decay_at``
 - ``ddpm.train.sample_grids``: the sampling events of a run (archive group, TensorBoard image, PNG)
 - ``ddpm.train.dist``: the process group from torchrun or SLURM (``init_distributed``, ``print0``, ``reduce_mean``)

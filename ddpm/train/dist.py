@@ -116,17 +116,20 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Join the process group (if launched with more than one process) and pick this rank's device.
 
     device: "auto" (cuda:local_rank if CUDA works, else cpu), "cuda", "cuda:N" or "cpu".
-    Backend nccl on CUDA, gloo on CPU; timeout_s bounds every collective (a hung peer fails loudly).
+    Backend nccl on CUDA, gloo on CPU; timeout_s (``train.collective_timeout_s``) bounds every collective:
+    a rank whose peer died fails after it instead of waiting forever.
     """
     rank, world_size, local_rank, rendezvous = _launch_info(os.environ)
     dev = _pick_device(device, local_rank)
     if world_size == 1:
         return DistInfo(rank, 1, local_rank, dev, None)
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    # A collective that times out (a peer rank died) tears the process down instead of hanging in NCCL.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         os.environ.update(rendezvous)  # only holds keys the environment lacks
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
@@ -188,3 +191,12 @@ def cleanup() -> None:
     """Leave the process group (call once at the end of a run); no-op without one."""
     if _initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_main(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; the value itself without a process group."""
+    if not _initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

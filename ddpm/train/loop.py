@@ -26,10 +26,12 @@ from ddpm.data.datasets import load_dataset
 from ddpm.diffusion import objectives
 from ddpm.diffusion.compiled import use_persistent_cache
 from ddpm.diffusion.from_config import schedule_for
-from ddpm.errors import REQUEUE_EXIT_CODE
+from ddpm.errors import REQUEUE_EXIT_CODE, TrainingDiverged, UserError
 from ddpm.nets.loading import clean_state_dict, load_weights
 from ddpm.nets.registry import build_net
+from ddpm.run.atomic import writing
 from ddpm.run.checkpoints import CheckpointManager
+from ddpm.run.lock import describe
 from ddpm.run.metrics_log import RunLogger
 from ddpm.train.dist import DistInfo, barrier, print0, reduce_mean
 from ddpm.train.preempt import PreemptionHandler, should_stop
@@ -62,6 +64,7 @@ class Trainer:
         self.step = 0
         self.resumed = False
         self.grids = []  # sample-grid PNGs written by this process, oldest first
+        self.lock = None  # the run dir's RunLock (rank 0), set by the job
         self.gen = torch.Generator(device=self.dev)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.precision == "bf16")
 
@@ -91,8 +94,18 @@ class Trainer:
 
     def save(self) -> None:
         if self.info.is_main:
-            self.ckpt.save(self.step, self.state())
+            self.check_lock()
+            with writing(f"checkpoint step {self.step}", self.ckpt.directory):
+                self.ckpt.save(self.step, self.state())
         barrier()
+
+    def check_lock(self) -> None:
+        """Stop before writing anything if another job took this run dir's lock over (see ddpm.run.lock)."""
+        if self.lock is not None and not self.lock.owned():
+            holder, age = self.lock.read()
+            who = describe(holder, age) if holder else "nobody (the lock file was removed)"
+            raise UserError(f"another job took over the lock of {self.run_dir} ({who}); this one stops at step "
+                            f"{self.step} without writing; run one job per run dir")
 
     # ----- one optimizer step ------------------------------------------------------------------------
     def draws(self, step: int, shape):
@@ -140,8 +153,9 @@ class Trainer:
             print0(f"torch.compile cache: {use_persistent_cache()} (set TORCHINDUCTOR_CACHE_DIR to change)")
             model = torch.compile(model)
         # Initialize logging and the running statistics.
-        logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
-                           tensorboard=cfg.log.tensorboard)
+        with writing("metrics.jsonl", self.run_dir / "metrics.jsonl"):
+            logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
+                               tensorboard=cfg.log.tensorboard, log=print0)
         progress = Progress(self.total, self.step, cfg.log.progress, info.is_main)
         print0(f"{'resuming at step ' + str(self.step) if self.resumed else 'starting'}: {self.total} steps, "
                f"global batch {cfg.train.batch_size} on {info.world_size} x {self.dev}, run dir {self.run_dir}")
@@ -195,7 +209,9 @@ class Trainer:
                     now = time.perf_counter()
                     ips = (self.step - step_last) * cfg.train.batch_size / max(now - t_last, 1e-9)
                     scalars = self.reduce_stats(stats, lr, grad_norm, ips)
-                    logger.log_scalars(self.step, scalars, epoch=self.batcher.epoch_of(self.step))
+                    self.check_lock()
+                    with writing("metrics.jsonl / TensorBoard", self.run_dir):
+                        logger.log_scalars(self.step, scalars, epoch=self.batcher.epoch_of(self.step))
                     progress.update(self.step, scalars["loss"], ips)
                     stats.zero_()
                     t_last, step_last = now, self.step
@@ -205,7 +221,8 @@ class Trainer:
                     progress.close()
                     print0(f"preemption signal ({preempt.signal_name or 'peer rank'}) at step {self.step}: "
                            f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
-                    logger.close()
+                    with writing("metrics.jsonl / TensorBoard", self.run_dir):
+                        logger.close()
                     return REQUEUE_EXIT_CODE
                 if self.step % cfg.checkpoint.every == 0 or self.step == self.total:
                     self.check_finite(bad)
@@ -215,7 +232,8 @@ class Trainer:
                     self.write_samples(logger)
         progress.close()
         self.write_samples(logger)
-        logger.close()
+        with writing("metrics.jsonl / TensorBoard", self.run_dir):
+            logger.close()
         wall = time.perf_counter() - t_start
         ips = (self.total - step_start) * cfg.train.batch_size / max(wall, 1e-9)
         print0(f"done: {self.total} steps, run dir {self.run_dir} ({self.total - step_start} steps in "
@@ -256,11 +274,9 @@ class Trainer:
             net = self.ema if (cfg.sample.ema and self.ema is not None) else self.net
             was_training = net.training
             clean = self.batcher.batch(0) if cfg.diffusion.objective == "denoiser" else None
-            self.grids += write_event(cfg, net.eval(), step=self.step, run_dir=self.run_dir, device=self.dev,
-                                      logger=logger, ema=net is self.ema, clean_batch=clean, log=print0)
+            self.check_lock()
+            with writing(f"the samples of step {self.step}", self.run_dir / "samples.h5"):
+                self.grids += write_event(cfg, net.eval(), step=self.step, run_dir=self.run_dir, device=self.dev,
+                                          logger=logger, ema=net is self.ema, clean_batch=clean, log=print0)
             net.train(was_training)
         barrier()
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN/Inf; the message says which checkpoint is intact."""

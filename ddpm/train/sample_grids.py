@@ -12,6 +12,7 @@ from ddpm.config import Config
 from ddpm.data.datasets import DATASETS
 from ddpm.data.images import make_grid, model_to_uint8
 from ddpm.diffusion.from_config import effective_steps, generate
+from ddpm.errors import out_of_space
 from ddpm.run import samples
 from ddpm.run.grids import grid_figure
 from ddpm.run.metrics_log import RunLogger
@@ -49,15 +50,27 @@ def write_event(cfg: Config, net, *, step: int, run_dir: Path, device, logger: R
                 clean_batch=None, log=print) -> list[Path]:
     """Sample one event and write it (archive, TensorBoard, PNG). Returns the PNGs written.
 
-    A PNG is not essential: failing to write one is a warning, never the end of the run."""
+    None of it is essential to the run: a damaged ``samples.h5`` is moved aside (``samples.h5.damaged-<time>``)
+    and a fresh archive started; any other failure to write the archive or a PNG is a warning, never the
+    end of the run. Only a full disk ends it (:func:`ddpm.run.atomic.writing` in the caller says so)."""
     labels, events = sample_events(cfg, net, device, clean_batch)
     norm = tuple(cfg.data.normalize) if cfg.data.normalize else None
     base = dict(step=step, seed=cfg.sample.seed, ema=ema, config_hash=cfg.hash())
+    archive = run_dir / "samples.h5"
     pngs = []
     for name, x, attrs in events:
         images = model_to_uint8(x, norm)
-        samples.write_samples(run_dir / "samples.h5", f"train/step_{step:09d}/{name}", images, labels.numpy(),
-                              {**base, **attrs})
+        group = f"train/step_{step:09d}/{name}"
+        try:
+            aside = samples.set_aside_if_damaged(archive)
+            if aside is not None:
+                log(f"warning: {archive} was damaged; moved it to {aside} and started a new archive")
+            samples.write_samples(archive, group, images, labels.numpy(), {**base, **attrs})
+        except Exception as e:
+            if out_of_space(e):
+                raise
+            log(f"warning: could not archive {group} in {archive} ({' '.join(str(e).split())[:200]}); "
+                "training goes on")
         grid = make_grid(images, nrow=cfg.sample.per_class)
         logger.log_image(step, f"samples/{name}", grid)
         path = run_dir / "samples" / f"step_{step:09d}_{name}.png"
@@ -65,6 +78,8 @@ def write_event(cfg: Config, net, *, step: int, run_dir: Path, device, logger: R
             path.parent.mkdir(exist_ok=True)
             grid_png(cfg, path, grid, len(images), attrs, step=step, ema=ema)
         except OSError as e:
+            if out_of_space(e):
+                raise
             log(f"warning: could not write the sample grid {path} ({e}); training goes on")
             continue
         pngs.append(path)

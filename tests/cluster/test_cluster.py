@@ -82,6 +82,7 @@ def test_resources_checks_and_sbatch_parameters():
     p = res.executor_parameters("cifar")
     assert p["ntasks_per_node"] == 4 and p["gpus_per_node"] == 4 and p["time"] == 60 and p["nodes"] == 2
     assert p["signal_delay_s"] == 120 and p["additional_parameters"] == {"requeue": True}
+    assert p["srun_args"] == ["--kill-on-bad-exit=1"]  # a crashed rank ends the step, no collective hang
     assert "PYTHONPATH" in p["setup"][0] and res.world_size == 8
     cpu = launch.Resources(gpus_per_node=0, time_s=61)
     assert "gpus_per_node" not in cpu.executor_parameters("x") and cpu.tasks_per_node == 1

@@ -355,7 +355,80 @@ def test_bad_override_fails_fast_with_the_message_first_and_no_requeue(slurm, ti
     assert wait_job(evaluation, tmp_path / "logs" / f"evaluate-{evaluation}.out", timeout=60)[0][1].startswith("CANCELLED")
 
 
-# ----- 7. the benchmark template -----------------------------------------------------------------
+# ----- 7. faults: a stale lock of its own, a crashed rank, restarts without progress ---------------
+
+@pytest.mark.slurm
+def test_a_requeued_job_takes_over_the_lock_its_earlier_run_left(slurm, tiny_yaml, tmp_path):
+    """The lock of an earlier run of the same job id (e.g. a node that died) does not block the rerun."""
+    job = sbatch(tmp_path, "mnist.sh", "--hold", "train.steps=5", env=job_env(DDPM_CONFIG=tiny_yaml))
+    run = tmp_path / "runs" / f"mnist-{job}"
+    run.mkdir(parents=True)
+    (run / "lock.json").write_text(json.dumps({"host": "node-that-died", "pid": 1, "slurm_job_id": job,
+                                               "since": "2026-12-01T00:00:00+00:00", "token": "earlier run"}))
+    slurm_cmd("scontrol", "release", job, check=True)
+    log = tmp_path / "logs" / f"mnist-{job}.out"
+    assert wait_job(job, log) == [(job, "COMPLETED", "0:0")], log_text(log)
+    assert f"earlier run of this SLURM job ({job})" in log.read_text()
+    assert not (run / "lock.json").exists()
+
+
+def _pid_of_rank(job, rank, timeout=60):
+    """The pid of the jobs.train process that is rank `rank` of SLURM job `job` (the cluster is this host)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for proc in Path("/proc").iterdir():
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+                cmd = (proc / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if b"jobs.train" in cmd and f"SLURM_JOB_ID={job}".encode() in env \
+                    and f"SLURM_PROCID={rank}".encode() in env and b"--dry-run" not in cmd:
+                return int(proc.name)
+        time.sleep(0.2)
+    pytest.fail(f"no rank {rank} of job {job} found")
+
+
+@pytest.mark.slurm
+def test_a_crashed_rank_ends_a_two_task_job_within_a_minute_and_is_not_requeued(slurm, tiny_yaml, tmp_path):
+    job = sbatch(tmp_path, "mnist.sh", "--ntasks-per-node=2", "--gpus-per-node=2", "train.steps=100000",
+                 "checkpoint.every=100000", env=job_env(DDPM_CONFIG=tiny_yaml))
+    log = tmp_path / "logs" / f"mnist-{job}.out"
+    wait_for_steps(tmp_path / "runs" / f"mnist-{job}" / "metrics.jsonl", 2, job, log)
+    os.kill(_pid_of_rank(job, 1), 9)
+    killed = time.monotonic()
+    rows = wait_job(job, log, timeout=120)
+    assert time.monotonic() - killed < 60, "the surviving rank waited for a collective timeout"
+    assert rows[0][1] == "FAILED", log_text(log)
+    assert len(sacct(job, duplicates=True)) == 1, "a crash is not a preemption: no requeue"
+
+
+@pytest.mark.slurm
+def test_restarts_that_never_reach_a_new_checkpoint_stop_requeueing(slurm, tiny_yaml, tmp_path):
+    """The time-limit warning arrives again and again before training gets anywhere (a slow start, say):
+    after DDPM_MAX_IDLE_RESTARTS restarts without a new checkpoint the job stops with one line."""
+    job = sbatch(tmp_path, "mnist.sh", "train.steps=100000", env=job_env(DDPM_CONFIG=tiny_yaml,
+                                                                          DDPM_MAX_IDLE_RESTARTS=1))
+    log = tmp_path / "logs" / f"mnist-{job}.out"
+    end, signalled = time.monotonic() + 300, set()
+    while time.monotonic() < end:
+        state = sacct(job)[0][1].split()[0] if sacct(job) else "PENDING"
+        if state in TERMINAL:
+            break
+        text = log.read_text(errors="replace") if log.exists() else ""
+        restarts = text.count(f"job {job} restart ")
+        if state == "RUNNING" and restarts and restarts not in signalled:
+            subprocess.run(["scancel", "--batch", "--signal=USR2", job], timeout=30)  # before the first step
+            signalled.add(restarts)
+        time.sleep(0.2)
+    rows = wait_job(job, log, timeout=60)
+    text = log_text(log, limit=20000)
+    assert rows[0][1] == "FAILED", text
+    assert "restarts in a row ended before a new checkpoint" in text and "not requeueing" in text, text
+    assert 2 <= len(signalled) <= 4, (signalled, text)
+
+
+# ----- 8. the benchmark template -----------------------------------------------------------------
 
 def _submit_bench(tmp_path, *script_args, **env):
     (tmp_path / "logs").mkdir(exist_ok=True)

@@ -133,10 +133,34 @@ def test_a_child_that_ended_during_the_signal_is_not_trained_again(tmp_path):
     assert rerun() == {"run_dir": rerun.run_dir, "returncode": 0}
 
 
+def test_requeues_without_a_new_checkpoint_stop_after_the_limit(tmp_path, capsys):
+    job = FakeJob(tmp_path, run_s=0, rc=0)
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+
+    def stopped_for_the_signal(newest):  # one run of the job, ended by the signal; newest checkpoint step
+        (ckpt / "latest").write_text(f"step_{newest:09d}\n")
+        job._child = subprocess.Popen([sys.executable, "-c", "pass"])
+        job._child.wait()
+        job._rc, job.outcome = launch.REQUEUE_EXIT_CODE, None
+        delayed = job.checkpoint()
+        job.start_step = newest  # what the rerun's __call__ records
+        return delayed
+
+    job.start_step = -1
+    assert stopped_for_the_signal(10) is not None and job.idle_restarts == 0  # trained: requeue
+    for idle in range(1, launch.MAX_IDLE_RESTARTS + 1):
+        assert stopped_for_the_signal(10) is not None and job.idle_restarts == idle
+    assert stopped_for_the_signal(10) is None  # submitit: no requeue
+    out = capsys.readouterr().out
+    assert f"{launch.MAX_IDLE_RESTARTS + 1} restarts in a row ended before a new checkpoint (newest: step 10)" in out
+    assert stopped_for_the_signal(20) is not None and job.idle_restarts == 0  # progress resets the count
+
+
 def test_failures_raise_with_the_meaning_of_the_exit_code(tmp_path):
     from ddpm.errors import REQUEUE_EXIT_CODE
 
-    assert launch.REQUEUE_EXIT_CODE == REQUEUE_EXIT_CODE  # launch keeps a copy so it need not import torch
+    assert launch.REQUEUE_EXIT_CODE == REQUEUE_EXIT_CODE  # one definition, in ddpm.errors
     job = FakeJob(tmp_path, run_s=0, rc=2)
     with pytest.raises(launch.TrainingFailed, match="exited with 2 \\(bad input"):
         job()
