@@ -32,10 +32,18 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
     c, h, w = info["shape"]
+    facts = DATASETS[info["dataset"]]
+
+    def of_official(n, split):
+        return f", a subset of the official {facts[split + '_size']}" if n < facts[split + "_size"] else ""
+
     print(f"dataset: {info['dataset']}")
     print(f"path:    {info['path']}")
-    print(f"train:   {info['train']} images ({c}x{h}x{w} uint8)")
-    print(f"test:    {info['test']} images")
+    print(f"train:   {info['train']} images ({c}x{h}x{w} uint8){of_official(info['train'], 'train')}")
+    print(f"test:    {info['test']} images{of_official(info['test'], 'test')}")
+    if info["subset"]:
+        print("note:    a subset: classifier accuracy and feature-FID measured on it are not comparable with "
+              "full-data numbers")
     print("OK")
     return 0
 

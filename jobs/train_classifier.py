@@ -7,7 +7,9 @@ cores). The test-set feature statistics for feature-FID are computed and cached 
 Exit status: 0 done (or cached), 2 bad input (nothing written).
 """
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
             raise UserError(f"--device {args.device} is not usable here; pass --device cpu")
-        out = args.out or feature_cnn.default_classifier_path(args.dataset, args.root)
+        out = Path(args.out or feature_cnn.default_classifier_path(args.dataset, args.root))
+        _check_writable(out.parent)
         load_dataset(args.dataset, args.root, train=False)  # missing data fails now, before any training
         if not args.force and _cached(out, args.dataset, args.steps, args.seed):
             print(f"classifier already trained: {out} (pass --force to retrain)")
@@ -62,15 +65,27 @@ def main(argv=None) -> int:
         feature_cnn.reference_stats(out, net, args.dataset, args.root, device, features=features.numpy())
         print(f"test accuracy {meta['test_accuracy']:.4f} after {meta['steps']} steps "
               f"({meta['train_seconds']:.0f} s); saved {out}")
+        if feature_cnn.subset_note(meta):
+            print(f"note: {feature_cnn.subset_note(meta)}")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
 
 
-def _cached(out, dataset, steps, seed) -> bool:
-    from pathlib import Path
+def _check_writable(folder: Path) -> None:
+    """Before minutes of training: a read-only data root (a shared copy, ../shared/data) cannot hold the result."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder} ({e.strerror}); pass --out PATH somewhere writable, "
+                        "then give jobs.evaluate --classifier PATH") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{folder} is not writable (a read-only data root?); pass --out PATH somewhere writable, "
+                        "then give jobs.evaluate --classifier PATH")
 
+
+def _cached(out, dataset, steps, seed) -> bool:
     from ddpm.evaluate import feature_cnn
     if not Path(out).is_file():
         return False

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, the verified MNIST files from ../shared, a live SLURM cluster."""
+"""Shared fixtures: the repository root, the verified MNIST files and the real CIFAR-10 subset from
+../shared, a live SLURM cluster."""
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DDPM_SHARED", ROOT.parent / "shared"))
 MNIST_GZ = SHARED / "data" / "mnist"
+CIFAR_SUBSET = SHARED / "data" / "cifar10"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -35,6 +37,17 @@ def mnist_root(tmp_path_factory):
     torchvision.datasets.MNIST(str(root), train=True, download=True)
     torchvision.datasets.MNIST(str(root), train=False, download=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_subset():
+    """The data root of the real CIFAR-10 subset (5,170 + 1,017 official images), read-only: write elsewhere."""
+    if not (CIFAR_SUBSET / "cifar-10-batches-py" / "data_batch_1").exists():
+        _missing(f"the CIFAR-10 subset not found in {CIFAR_SUBSET} (set DDPM_SHARED)")
+    # Read-only by permission bits only: root (CI) could still write. Nothing may appear there.
+    before = sorted(str(p) for p in CIFAR_SUBSET.rglob("*"))
+    yield CIFAR_SUBSET
+    assert sorted(str(p) for p in CIFAR_SUBSET.rglob("*")) == before, f"a test wrote into {CIFAR_SUBSET}"
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,22 @@ from ddpm.errors import UserError
 
 # The facts every layer needs about a data set. Importing this module does not import torch, so the
 # config can validate against the table cheaply.
+# train_size / test_size: the images of the official release; fewer loaded means a subset (see is_subset).
 DATASETS = {
-    "mnist": dict(channels=1, size=28, classes=10, class_names=tuple("0123456789")),
+    "mnist": dict(channels=1, size=28, classes=10, class_names=tuple("0123456789"),
+                  train_size=60_000, test_size=10_000),
     "cifar10": dict(channels=3, size=32, classes=10, class_names=(
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        train_size=50_000, test_size=10_000),
 }
 _CIFAR_BATCH_ROWS = 10_000  # every official CIFAR-10 batch file holds exactly this many images
+_CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def is_subset(name: str, n_images: int, train: bool = True) -> bool:
+    """Whether a split of ``n_images`` is smaller than the official one: numbers measured on it (classifier
+    accuracy, feature-FID) are not comparable with full-data numbers."""
+    return n_images < DATASETS[name]["train_size" if train else "test_size"]
 
 
 def _check_name(name: str) -> str:
@@ -130,7 +140,15 @@ def _load_cifar10(root: Path, train: bool):
         cmd = _prepare_cmd("cifar10", root)
         raise UserError(f"CIFAR-10 not found in {folder}: run '{cmd}' on a machine with internet (e.g. the login node), or "
                         f"copy {CIFAR10.filename} into {root}/ and run the same command with --offline, or set data.download=true")
-    parts = [_read_cifar_batch(folder / f, md5, root) for f, md5 in files]
+    parts = [_read_cifar_batch(folder / f, root) for f, _ in files]  # each file readable, or named
+    _refuse_a_mix(folder, root)
+    from torchvision.datasets.utils import check_integrity
+
+    # A structurally valid file of official size but the wrong md5 is a damaged real download; smaller
+    # files are subsets (like ../shared/data/cifar10, or test fixtures) that no official checksum fits.
+    for (f, md5), (data, _) in zip(files, parts):
+        if len(data) == _CIFAR_BATCH_ROWS and not check_integrity(str(folder / f), md5):
+            raise _corrupt(folder / f, f"md5 differs from the official {md5}", "cifar10", root)
     images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)  # rows are already CHW
     labels = np.concatenate([p[1] for p in parts])
     import torch
@@ -138,9 +156,7 @@ def _load_cifar10(root: Path, train: bool):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _read_cifar_batch(path: Path, md5: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision.datasets.utils import check_integrity
-
+def _read_cifar_batch(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")  # the official files are Python 2 pickles
@@ -154,11 +170,20 @@ def _read_cifar_batch(path: Path, md5: str, root: Path) -> tuple[np.ndarray, np.
     # Unpickling damaged bytes can raise almost anything (UnpicklingError, EOFError, KeyError, ...).
     except Exception as e:
         raise _corrupt(path, f"{type(e).__name__}: {e}", "cifar10", root) from e
-    # A structurally valid file of official size but the wrong md5 is a damaged real download; smaller
-    # files are subsets (test fixtures) that have no official checksum.
-    if len(data) == _CIFAR_BATCH_ROWS and not check_integrity(str(path), md5):
-        raise _corrupt(path, f"md5 differs from the official {md5}", "cifar10", root)
     return data, labels
+
+
+def _refuse_a_mix(folder: Path, root: Path) -> None:
+    """Official files and subset files side by side: the splits would mix two data sets. Told by size alone
+    (an official file holds 10,000 rows of 3,072 bytes), so loading one split checks the other one too.
+    Runs after the split's own files were read, so a truncated file of a full download is named as such."""
+    present = [folder / f for f in _CIFAR_FILES if (folder / f).is_file()]
+    full = [p.name for p in present if p.stat().st_size >= _CIFAR_BATCH_ROWS * 3072]
+    if full and len(full) < len(present):
+        cut = [p.name for p in present if p.name not in full]
+        raise UserError(f"{folder} mixes official full-size batch files ({', '.join(full)}) with smaller subset files "
+                        f"({', '.join(cut)}): use one complete copy (delete the folder and re-run "
+                        f"'{_prepare_cmd('cifar10', root)}') or a folder of subset files only")
 
 
 def _unpack_cifar10(root: Path, offline: bool, first_error: UserError) -> None:
@@ -196,7 +221,8 @@ def prepare_dataset(name: str, root, offline: bool = False) -> dict:
 
     Files that already load are only verified. Otherwise the official archives are checked against
     torchvision's md5s and unpacked; missing ones are downloaded unless offline=True.
-    Returns {"dataset", "path", "train", "test", "shape"} (split sizes in images, shape (C, H, W)).
+    Returns {"dataset", "path", "train", "test", "shape", "subset"} (split sizes in images, shape (C, H, W),
+    subset: either split is smaller than the official release).
     """
     name, root = _check_name(name), Path(root).expanduser()
     try:
@@ -210,4 +236,6 @@ def prepare_dataset(name: str, root, offline: bool = False) -> dict:
 def _summary(name: str, root: Path) -> dict:
     sizes = {split: load_dataset(name, root, train=split == "train")[0].shape for split in ("train", "test")}
     path = root / "MNIST" / "raw" if name == "mnist" else root / "cifar-10-batches-py"
-    return dict(dataset=name, path=str(path), train=sizes["train"][0], test=sizes["test"][0], shape=tuple(sizes["train"][1:]))
+    train, test = sizes["train"][0], sizes["test"][0]
+    return dict(dataset=name, path=str(path), train=train, test=test, shape=tuple(sizes["train"][1:]),
+                subset=is_subset(name, train) or is_subset(name, test, train=False))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.data.batcher import StepBatcher
-from ddpm.data.datasets import DATASETS, load_dataset
+from ddpm.data.datasets import DATASETS, is_subset, load_dataset
 from ddpm.errors import UserError
 from ddpm.evaluate.metrics import accuracy, cached_stats, feature_stats, file_sha256
 from ddpm.run.atomic import atomic_path
@@ -84,7 +84,8 @@ def train_classifier(dataset: str, root, *, epochs: float | None = None, steps: 
     channels, size, classes = facts["channels"], facts["size"], facts["classes"]
     images, labels = load_dataset(dataset, root, train=True)
     torch.manual_seed(seed)
-    net = FeatureCNN(channels, size, classes, recipe["width"]).to(device)
+    # channels_last: ~20 % faster convolutions on CPU (oneDNN) and on CUDA (tensor cores), same maths.
+    net = FeatureCNN(channels, size, classes, recipe["width"]).to(device, memory_format=torch.channels_last)
     batcher = StepBatcher(images, labels, recipe["batch_size"], seed=seed, hflip=recipe["hflip"], device=device)
     epochs = recipe["epochs"] if epochs is None else epochs
     total = steps if steps is not None else max(1, round(epochs * batcher.steps_per_epoch))
@@ -97,7 +98,7 @@ def train_classifier(dataset: str, root, *, epochs: float | None = None, steps: 
         net.train()
         for step in range(total):
             x, y = batcher.batch(step)
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -112,8 +113,19 @@ def train_classifier(dataset: str, root, *, epochs: float | None = None, steps: 
     meta = dict(dataset=dataset, recipe=recipe, seed=seed, requested_steps=steps, steps=total,
                 epochs=total / batcher.steps_per_epoch,
                 test_accuracy=accuracy(logits, test_labels), train_seconds=time.perf_counter() - t0,
-                torch=str(torch.__version__))
+                torch=str(torch.__version__), train_images=len(images), test_images=len(test_images),
+                subset=is_subset(dataset, len(images)) or is_subset(dataset, len(test_images), train=False))
     return net, meta, features
+
+
+def subset_note(meta: dict) -> str | None:
+    """A warning for classifiers trained or tested on a subset of the data set (None for full data)."""
+    if not meta.get("subset"):
+        return None
+    facts = DATASETS[meta["dataset"]]
+    return (f"the classifier was trained on a subset ({meta['train_images']} of {facts['train_size']} training images, "
+            f"tested on {meta['test_images']} of {facts['test_size']}): its accuracy and feature-FID are not "
+            f"comparable with those of a full-data classifier")
 
 
 def save_classifier(path, net: FeatureCNN, meta: dict) -> None:

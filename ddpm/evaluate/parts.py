@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ddpm.errors import UserError
-from ddpm.evaluate import measured, report, sampled
+from ddpm.evaluate import feature_cnn, measured, report, sampled
 from ddpm.evaluate.metrics import file_sha256
 from ddpm.run.atomic import atomic_write
 from ddpm.run.samples import export_npz
@@ -79,7 +79,9 @@ def run(plan, argv: list | None = None, log=print) -> dict:
     classifier = None
     if plan.classifier is not None:
         _, meta, path = plan.classifier
-        classifier = {"path": str(path), "sha256": file_sha256(path), "test_accuracy": meta.get("test_accuracy")}
+        classifier = {"path": str(path), "sha256": file_sha256(path), "test_accuracy": meta.get("test_accuracy"),
+                      "train_images": meta.get("train_images"), "subset": bool(meta.get("subset")),
+                      "subset_note": feature_cnn.subset_note(meta)}
     metrics = {
         "run_dir": str(plan.run_dir), "run_name": cfg.name, "objective": cfg.diffusion.objective,
         "dataset": cfg.data.dataset, "config_hash": cfg.hash(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -98,7 +100,8 @@ def run(plan, argv: list | None = None, log=print) -> dict:
         "versions": versions(), "archive": {"path": str(plan.run_dir / "samples.h5"), "groups": []},
         "export_npz": None, "notes": plan.notes, "timings_s": {}, "sections": {},
     }
-    for note in plan.notes + [plan.classifier_note] * bool(plan.classifier_note):
+    for note in plan.notes + [plan.classifier_note] * bool(plan.classifier_note) + [c for c in [
+            classifier and classifier["subset_note"]] if c]:
         log(f"warning: {note}")
     if plan.sampler_note:
         log(f"note: sampler: {plan.sampler_note}")

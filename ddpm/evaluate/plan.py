@@ -212,7 +212,8 @@ def _resolve_classifier(req: Request, plan: Plan) -> None:
     path = Path(req.classifier) if req.classifier else feature_cnn.default_classifier_path(cfg.data.dataset, cfg.data.root)
     if req.classifier is None and not path.is_file():
         plan.classifier_note = (f"no classifier at {path}, so no label accuracy or feature-FID; train it once with: "
-                                f"python -m jobs.train_classifier --dataset {cfg.data.dataset} --root {cfg.data.root}")
+                                f"python -m jobs.train_classifier --dataset {cfg.data.dataset} --root {cfg.data.root} "
+                                "(a read-only data root: add --out PATH, then pass --classifier PATH here)")
         return
     net, meta = feature_cnn.load_classifier(path, cfg.data.dataset, plan.device)
     plan.classifier = (net, meta, path)

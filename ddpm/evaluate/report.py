@@ -39,6 +39,8 @@ def render(m: dict) -> str:
             info.append(["guidance", "none (unconditional model)"])
     info.append(["classifier", f"`{clf['path']}` (test accuracy {_f(clf['test_accuracy'], 4)})" if clf
                  else (m["classifier_note"] or "not used")])
+    if clf and clf.get("subset_note"):
+        info.append(["classifier data", f"**subset**: {clf['subset_note']}"])
     if m["inception"]:
         info.append(["Inception weights", f"`{m['inception']['path']}` (sha256 {m['inception']['sha256'][:12]}…)"])
     info.append(["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())])

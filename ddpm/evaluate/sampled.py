@@ -31,6 +31,11 @@ TABLE_FLOW = (("euler", (10, 20, 50, 100)), ("heun", (5, 10, 25, 50)))
 
 # ---- shared helpers ------------------------------------------------------------------------------
 
+def _class_names(plan) -> list[str]:
+    """Row labels of class-conditional grids: CIFAR-10's "airplane", "automobile", ...; MNIST's digits."""
+    return list(DATASETS[plan.cfg.data.dataset]["class_names"])
+
+
 def _nchw(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2)
 
@@ -120,7 +125,7 @@ def guidance_part(plan, out, log) -> dict:
                 out / f"samples_{name}.png", make_grid(shown, plan.per_class), rows=n_cls, cols=plan.per_class,
                 title=[f"Samples at {_symbol(plan)}={scale:g}: {plan.per_class} per class", plan.checkpoint_line,
                        _sampler_line(plan, plan.sampler, plan.steps)],
-                row_labels=list(range(n_cls)), ylabel="requested class", xlabel="samples (different noise)"))
+                row_labels=_class_names(plan), ylabel="requested class", xlabel="samples (different noise)"))
         elif draw:  # unconditional: K rows of n_cls samples
             figs.append(grid_figure(
                 out / f"samples_{name}.png", make_grid(u8[:n_cls * plan.per_class], n_cls), rows=plan.per_class,
@@ -133,7 +138,7 @@ def guidance_part(plan, out, log) -> dict:
             out / "guidance_grid.png", make_grid(cells, len(plan.scales)), rows=n_cls, cols=len(plan.scales),
             title=["Classifier-free guidance sweep (one noise per row, shared by all scales)", plan.checkpoint_line,
                    _sampler_line(plan, plan.sampler, plan.steps)],
-            row_labels=list(range(n_cls)), col_labels=[f"{sym}={s:g}" for s in plan.scales],
+            row_labels=_class_names(plan), col_labels=[f"{sym}={s:g}" for s in plan.scales],
             xlabel=f"guidance scale {sym}", ylabel="requested class"))
     return {"sampler": plan.sampler, "steps": plan.steps, "per_class": k, "rows": rows, "figures": figs,
             "archive_groups": groups}
@@ -158,7 +163,7 @@ def progression_part(plan, out, log) -> dict:
         out / "progression.png", make_grid(np.concatenate(rows), n_cls), rows=len(steps), cols=n_cls,
         title=["Progression across retained checkpoints (same noise)", plan.checkpoint_line,
                _sampler_line(plan, plan.fast_sampler, plan.fast_steps, scale)],
-        row_labels=[f"step {s}" for s in steps], col_labels=list(range(n_cls)) if plan.conditional else None,
+        row_labels=[f"step {s}" for s in steps], col_labels=_class_names(plan) if plan.conditional else None,
         xlabel="requested class" if plan.conditional else "sample", ylabel="checkpoint")
     return {"checkpoint_steps": steps, "scale": scale, "sampler": plan.fast_sampler, "steps": plan.fast_steps,
             "figures": [fig]}
@@ -190,7 +195,7 @@ def gifs_part(plan, out, log) -> dict:
     final = plan.to_u8(x)
     figs = []
     for c in range(n_cls):
-        head = f"class {c}" if plan.conditional else f"sample {c}"
+        head = f"class {_class_names(plan)[c]}" if plan.conditional else f"sample {c}"
         figs.append(figures.trajectory_gif(
             out / f"denoising_{'class' if plan.conditional else 'sample'}{c}.gif",
             [xt[k][c] for k in keys] + [final[c]], [x0[k][c] for k in keys] + [final[c]],
@@ -204,7 +209,7 @@ def gifs_part(plan, out, log) -> dict:
             out / f"denoising_{what}.png", make_grid(cells, len(cols)), rows=n_cls, cols=len(cols),
             title=["Reverse process: " + ("noisy x_t" if what == "xt" else "predicted clean image x̂0 at each t"),
                    plan.checkpoint_line, _sampler_line(plan, plan.sampler, plan.steps, scale)],
-            row_labels=list(range(n_cls)) if plan.conditional else None,
+            row_labels=_class_names(plan) if plan.conditional else None,
             col_labels=[caption(k) for k in cols], xlabel="sampling progress (left: pure noise)",
             ylabel="requested class" if plan.conditional else ""))
     return {"scale": scale, "sampler": plan.sampler, "steps": plan.steps, "frames": len(keys) + 1, "figures": figs}
@@ -248,7 +253,7 @@ def interpolation_part(plan, out, log) -> dict:
         out / "interpolation.png", make_grid(plan.to_u8(x), INTERP_COLS), rows=INTERP_ROWS, cols=INTERP_COLS,
         title=["Spherical interpolation between two noises (deterministic decoding)", plan.checkpoint_line,
                _sampler_line(plan, plan.fast_sampler, plan.fast_steps, scale)],
-        row_labels=[f"class {k}" for k in row_classes] if plan.conditional else None,
+        row_labels=[f"class {_class_names(plan)[k]}" for k in row_classes] if plan.conditional else None,
         col_labels=[f"α={a:.2f}" for a in alphas], xlabel="slerp weight α (0: first noise, 1: second)",
         ylabel="one noise pair per row")
     return {"rows": INTERP_ROWS, "alphas": alphas, "row_classes": row_classes if plan.conditional else None,

@@ -52,7 +52,8 @@ def grid_figure(path, grid_u8: np.ndarray, *, title: list[str], rows: int, cols:
 
     ``title``: lines, the first bold. Row labels are drawn left of each row, column labels above each
     column, ``xlabel`` above the column labels, ``ylabel`` rotated at the far left.
-    Returns {"file", "grid_box": [x, y, w, h] (px, from the top-left), "scale", "rows", "cols"}.
+    Returns {"file", "grid_box": [x, y, w, h] (px, from the top-left), "scale", "rows", "cols", "row_labels",
+    "col_labels"} (the labels as drawn; [] for none).
     """
     big = to_rgb(grid_u8).repeat(scale, 0).repeat(scale, 1)
     gh, gw = big.shape[:2]
@@ -91,4 +92,5 @@ def grid_figure(path, grid_u8: np.ndarray, *, title: list[str], rows: int, cols:
         text(left - label_w - GAP, top + gh / 2, ylabel, ha="left", va="center", rotation=90, fontsize=LABEL_PT)
     save_figure(fig, path)
     return {"file": Path(path).name, "grid_box": [left, top, gw, gh], "scale": scale, "rows": rows,
-            "cols": cols}
+            "cols": cols, "row_labels": [str(s) for s in row_labels or []],
+            "col_labels": [str(s) for s in col_labels or []]}

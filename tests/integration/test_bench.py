@@ -9,10 +9,12 @@ from conftest import ROOT, python_env
 COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU"),
            "sampling": ("s/batch", "images/s", "vs baseline", "peak memory", "MFU"),
            "mnist_end_to_end": ("wall s", "images/s", "speed-up", "peak memory", "accuracy γ=5", "feature-FID γ=5"),
-           "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5")}
+           "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5"),
+           "cifar_quality": ("w", "n", "label accuracy", "feature-FID", "FID vs untrained")}
+ROWS = {"quality": ("| recipe", "| quickstart"), "cifar_quality": ("| training images", "| trained", "| untrained")}
 
 
-def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path):
+def test_benchmarks_run_on_cpu_quick(mnist_root, cifar_subset, untrained_classifier, tmp_path):
     commands = {
         "train_throughput": [sys.executable, "bench/train_throughput.py", "--device", "cpu", "--quick",
                              "--data-root", str(mnist_root)],
@@ -22,6 +24,8 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
                              "--keep", str(tmp_path / "e2e")],
         "quality": [sys.executable, "-m", "bench.quality", "--device", "cpu", "--quick", "--data-root", str(mnist_root),
                     "--classifier", str(untrained_classifier), "--keep", str(tmp_path / "quality")],
+        "cifar_quality": [sys.executable, "-m", "bench.cifar_quality", "--device", "cpu", "--quick", "--data-root",
+                          str(cifar_subset), "--keep", str(tmp_path / "cifar")],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
@@ -32,8 +36,8 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         header = next((line for line in out.splitlines() if line.startswith("| ")), "")
         for column in COLUMNS[name]:
             assert column in header, f"bench {name}: column {column!r} missing from {header!r}"
-        assert ("| recipe" in out and "| quickstart" in out) if name == "quality" else ("| baseline" in out and "| ours" in out)
-        assert "| ours" in out and f"torch {torch.__version__}" in out and "FAILED" not in out
+        assert all(row in out for row in ROWS.get(name, ("| baseline", "| ours"))), out
+        assert f"torch {torch.__version__}" in out and "FAILED" not in out
     # The end-to-end runs are real run dirs, evaluated by the evaluation job.
     for run in ("course", "ours"):
         assert list((tmp_path / "e2e" / run).glob("eval/step_*/metrics.json")), run
@@ -44,6 +48,7 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         for step in steps:
             assert (tmp_path / "quality" / run / "eval" / f"step_{step:09d}" / "samples_gamma_5.png").is_file()
     assert (tmp_path / "quality" / "quickstart" / "samples" / "step_000000004_gamma_5.png").is_file()
+    assert (tmp_path / "cifar" / "guidance_grid.png").is_file() and (tmp_path / "cifar" / "results.json").is_file()
 
 
 def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):

@@ -3,6 +3,8 @@ the tables; bad arguments exit 2 and write nothing; a tight budget skips steps i
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, python_env
 
 STEPS = ("env", "data", "cuda_tests", "train_1epoch", "eval_1epoch", "train_throughput", "sampling", "end_to_end")
@@ -13,6 +15,7 @@ def gpu_check(*args, timeout=600):
                           timeout=timeout, env=python_env(DDPM_PYTHON=sys.executable))
 
 
+@pytest.mark.slow  # a minute: every benchmark again (test_bench and the bench template run them too)
 def test_cpu_dry_run_runs_every_step(tmp_path, mnist_root, untrained_classifier):
     out = tmp_path / "out"
     r = gpu_check(out, "--device", "cpu", "--quick", "--data-root", mnist_root, "--classifier", untrained_classifier,

@@ -162,6 +162,25 @@ def test_mnist_template_trains_on_cpu_when_the_gpus_have_no_cuda(slurm, mnist_ro
     assert images.shape == (10, 28, 28, 1) and attrs["step"] == 10
 
 
+@pytest.mark.slurm
+def test_cifar10_template_trains_four_tasks_on_the_real_subset(slurm, cifar_subset, tmp_path):
+    """`sbatch slurm/cifar10.sh` unchanged (4 tasks, 4 declared GPUs without CUDA: gloo on CPU) against the
+    real CIFAR-10 subset, at a small width: COMPLETED, every rank took part, colour samples archived."""
+    small = [f"data.root={cifar_subset}", "model.base=16", "model.num_groups=8", "model.ch_mult=[1,2]",
+             "model.num_res_blocks=1", "train.batch_size=16", "train.steps=6", "train.warmup_steps=0",
+             "log.every=1", "checkpoint.every=3", "sample.steps=3", "sample.per_class=1", "sample.guidance=[3.0]"]
+    job = sbatch(tmp_path, "cifar10.sh", "--mem=6G", *small)
+    log = tmp_path / "logs" / f"cifar10-{job}.out"
+    rows = wait_job(job, log, timeout=300)
+    assert rows == [(job, "COMPLETED", "0:0")], log_text(log)
+    text = log.read_text()
+    assert "on 4 x cpu" in text and f"run dir: runs/cifar10-{job} (new run)" in text, text
+    run = tmp_path / "runs" / f"cifar10-{job}"
+    assert logged_steps(run) == list(range(1, 7))
+    images, labels, attrs = archive.read_samples(run / "samples.h5", "train/step_000000006/w_3")
+    assert images.shape == (10, 32, 32, 3) and labels.tolist() == list(range(10))
+
+
 # ----- 2./3. preemption: signal -> checkpoint -> exit 75 -> requeue -> resume; also with 2 tasks ----
 
 PREEMPT_STEPS = 80
@@ -441,6 +460,7 @@ def _submit_bench(tmp_path, *script_args, **env):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # 45 s of the benchmarks test_bench runs too; the template's own checks stay in the default run
 def test_bench_template_runs_every_benchmark_quick_on_a_node_without_cuda(slurm, mnist_root, untrained_classifier,
                                                                           tmp_path):
     """`sbatch slurm/bench.sh --quick`: all three tables in the log, on the CPU (the GPUs have no CUDA)."""
