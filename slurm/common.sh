@@ -104,11 +104,18 @@ ddpm_idle_restarts() {
   echo "${count:-0}"
 }
 
+# ddpm_committed_shards DIR: how many shards of sampling requests are committed under DIR (RUN_DIR/samples):
+# the progress of jobs.sample.
+ddpm_committed_shards() {
+  find "$1" -name 'shard_*.npz' 2>/dev/null | wc -l
+}
+
 # ddpm_run_step RUN_DIR CMD...: run CMD (srun ...) in the background so that trapped signals reach it,
-# wait for it, and requeue the job if it asks for that and trained since the last restart. Returns
-# CMD's exit status otherwise.
+# wait for it, and requeue the job if it asks for that and made progress since the last restart
+# (progress: the function named by $_ddpm_progress, default ddpm_latest_step). Returns CMD's exit
+# status otherwise.
 ddpm_run_step() {
-  local run_dir=$1 idle max_idle=${DDPM_MAX_IDLE_RESTARTS:-2}
+  local run_dir=$1 idle max_idle=${DDPM_MAX_IDLE_RESTARTS:-2} progress=${_ddpm_progress:-ddpm_latest_step}
   shift
   "$@" &
   _ddpm_pid=$!
@@ -120,7 +127,7 @@ ddpm_run_step() {
   # A task killed by the forwarded USR2 before Python installed its handler (rc > 128) also has
   # nothing to lose by a requeue: the rerun resumes from the newest checkpoint.
   if [ "$rc" = "$REQUEUE_EXIT_CODE" ] || { [ "$_ddpm_usr2" = 1 ] && [ "$rc" -gt 128 ]; }; then
-    idle=$(ddpm_idle_restarts "$run_dir" "$(ddpm_latest_step "$run_dir")")
+    idle=$(ddpm_idle_restarts "$run_dir" "$("$progress" "$run_dir")")
     if [ "$idle" -gt "$max_idle" ]; then
       ddpm_log "error: $idle restarts in a row ended before a new checkpoint (newest: step $(ddpm_latest_step "$run_dir")):" \
                "the time limit or preemption comes before training reaches one; not requeueing. Give it a longer" \
@@ -137,6 +144,20 @@ ddpm_run_step() {
     return
   fi
   return "$rc"
+}
+
+# ddpm_sample RUN_DIR [jobs.sample options]: generate the request's shards under srun (one task per GPU);
+# stopped by the time limit or preemption (exit 75), the job requeues itself and finishes the rest.
+ddpm_sample() {
+  local run_dir=$1
+  shift
+  ddpm_trap_signals
+  ddpm_rendezvous
+  ddpm_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): sampling $run_dir${*:+ with $*};" \
+           "${SLURM_NTASKS:-1} task(s), rendezvous $MASTER_ADDR:$MASTER_PORT; python $(command -v "$PYTHON")"
+  # Progress and the count of restarts without it are kept in RUN_DIR/samples, apart from training's.
+  _ddpm_progress=ddpm_committed_shards
+  ddpm_run_step "$run_dir/samples" srun --kill-on-bad-exit=1 "$PYTHON" -m jobs.sample "$run_dir" "$@"
 }
 
 # ddpm_train CONFIG RUN_DIR [key.sub=value ...]: validate, print where and how, then train under srun.

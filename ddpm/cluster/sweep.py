@@ -145,8 +145,28 @@ def last_logged(run_dir) -> tuple[int | None, float | None]:
     return (rows[-1]["step"], rows[-1].get("loss")) if rows else (None, None)
 
 
+def last_evaluation(run_dir) -> str | None:
+    """The headline of the newest evaluation (jobs.evaluate's RUN_DIR/eval/step_*/metrics.json), e.g.
+    "step 5000: acc 0.982 fFID 3.1 (γ=5)", at the scale its single-scale figures use; None if none."""
+    for path in sorted(Path(run_dir).glob("eval/step_*/metrics.json"), reverse=True):
+        try:
+            m = json.loads(path.read_text())
+            rows = {r["scale"]: r for r in m["sections"]["guidance"]["rows"]}
+            scale = m["guidance"]["display_scale"]
+            r = rows.get(scale) or next(iter(rows.values()))
+        except (OSError, ValueError, KeyError, TypeError, StopIteration):
+            continue  # half-written, damaged or without samples (a denoiser run): look further back
+        sym = "γ" if m["guidance"]["convention"] == "gamma" else "w"
+        parts = [f"{label} {r[key]:.{digits}f}" for key, label, digits in (
+            ("accuracy", "acc", 3), ("feature_fid", "fFID", 1), ("inception_fid", "FID", 2),
+            ("inception_score", "IS", 2)) if r.get(key) is not None]
+        where = f" ({sym}={r['scale']:g})" if m["guidance"]["conditional"] else ""
+        return f"step {m['checkpoint']['step']}: {' '.join(parts) or 'no metrics'}{where}"
+    return None
+
+
 def status_rows(manifest: dict) -> list[dict]:
-    """One dict per job: job_id, state, requeues, step, loss, sweep, run_dir."""
+    """One dict per job: job_id, state, requeues, step, loss, eval (last_evaluation), sweep, run_dir."""
     jobs = manifest["jobs"]
     if manifest.get("executor") == "slurm":
         states = slurm.job_states([j["job_id"] for j in jobs])
@@ -157,13 +177,15 @@ def status_rows(manifest: dict) -> list[dict]:
         state, runs = states[j["job_id"]]
         step, loss = last_logged(j["run_dir"])
         rows.append({"job_id": j["job_id"], "state": state, "requeues": max(runs - 1, 0), "step": step,
-                     "loss": loss, "sweep": " ".join(j.get("sweep") or []) or "-", "run_dir": j["run_dir"]})
+                     "loss": loss, "eval": last_evaluation(j["run_dir"]),
+                     "sweep": " ".join(j.get("sweep") or []) or "-", "run_dir": j["run_dir"]})
     return rows
 
 
 def format_status(rows: list[dict]) -> str:
-    head = ("JOB", "STATE", "REQUEUES", "STEP", "LOSS", "SWEEP", "RUN DIR")
+    head = ("JOB", "STATE", "REQUEUES", "STEP", "LOSS", "EVALUATED", "SWEEP", "RUN DIR")
     table = [head] + [(r["job_id"], r["state"], str(r["requeues"]), "-" if r["step"] is None else str(r["step"]),
-                       "-" if r["loss"] is None else f"{r['loss']:.4f}", r["sweep"], r["run_dir"]) for r in rows]
+                       "-" if r["loss"] is None else f"{r['loss']:.4f}", r.get("eval") or "-", r["sweep"], r["run_dir"])
+                      for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)

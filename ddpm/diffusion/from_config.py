@@ -42,16 +42,20 @@ def eps_model_for(net, sched: NoiseSchedule, objective: str, device):
 
 
 def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: float = 1.0, convention: str = "gamma",
-             sampler: str | None = None, steps: int | None = None, device="cpu", x_T=None, capture=None):
+             sampler: str | None = None, steps: int | None = None, device="cpu", x_T=None, capture=None,
+             model=None):
     """Sample images (B, C, H, W) in about [-1, 1] for ``labels`` (LongTensor (B,), or None with ``n``).
 
     ``guidance`` is ignored for unconditional nets only when it is the neutral value (gamma 1 / w 0);
-    otherwise an unconditional net raises a UserError. Returns x, or (x, trajectory) with ``capture``.
+    otherwise an unconditional net raises a UserError. ``model``: the net's ``(x, t, y) -> eps`` callable
+    to use instead of :func:`eps_model_for` (e.g. compiled once with
+    :func:`ddpm.diffusion.compiled.compile_for_sampling`); guidance is applied around it, so one compiled
+    model serves every scale. Returns x, or (x, trajectory) with ``capture``.
     """
     sampler = sampler or cfg.sample.sampler
     steps = effective_steps(cfg, sampler, steps)
     sched = schedule_for(cfg)
-    model = eps_model_for(net, sched, cfg.diffusion.objective, device)
+    model = eps_model_for(net, sched, cfg.diffusion.objective, device) if model is None else model
     if labels is not None and getattr(net, "num_classes", 0):
         model = classifier_free_guidance(model, guidance, convention, num_classes=net.num_classes)
     else:

@@ -10,4 +10,6 @@ Public surface (import from the modules):
 - ``ddpm.evaluate.metrics``: accuracy, feature statistics, Fréchet distance, cached statistics
 - ``ddpm.evaluate.inception``: Inception FID and IS from user-supplied weights
 - ``ddpm.evaluate.figures``, ``ddpm.evaluate.report``: GIFs and plots; ``report.md``
+- ``ddpm.evaluate.hparams``: the headline numbers with the run's hyper-parameters for TensorBoard's HParams tab
+- ``ddpm.evaluate.sample_request``: ``jobs.sample``'s N samples in shards, for any number of ranks, resumable
 """

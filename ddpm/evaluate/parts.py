@@ -14,6 +14,7 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.evaluate import feature_cnn, measured, report, sampled
+from ddpm.evaluate.hparams import write_hparams
 from ddpm.evaluate.metrics import file_sha256
 from ddpm.run.atomic import atomic_write
 from ddpm.run.samples import export_npz
@@ -118,6 +119,8 @@ def run(plan, argv: list | None = None, log=print) -> dict:
         metrics["export_npz"] = {"path": str(plan.export_npz), "images": n}
     metrics["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     metrics = _merge_previous(out / "metrics.json", metrics)
+    tb = write_hparams(out, cfg, metrics)
+    metrics["hparams"] = str(tb) if tb else None
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     atomic_write(out / "report.md", report.render(metrics))
     log(f"[eval] wrote {out / 'report.md'} and metrics.json ({metrics['timings_s']['total']:.1f} s)")

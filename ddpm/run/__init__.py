@@ -13,4 +13,5 @@ metrics without importing torch):
 - ``ddpm.run.atomic``: the one atomic write (``atomic_write``, ``atomic_path``), ``writing`` (disk full →
   ``OutOfSpace``), ``damaged_name``
 - ``ddpm.run.lock``: ``RunLock`` (one writer per run dir: ``lock.json`` with a heartbeat, stale locks taken over)
+- ``ddpm.run.shards``: ``ShardStore`` (a sampling request's committed shards, assembled into ``samples/NAME.h5``)
 """

@@ -129,8 +129,20 @@ def test_manifest_roundtrip_and_status_table(tmp_path):
     assert (rows[0]["state"], rows[0]["step"], rows[0]["loss"]) == ("COMPLETED", 3, pytest.approx(1 / 3))
     assert (rows[1]["step"], rows[1]["loss"]) == (None, None)
     table = sweep.format_status(rows).splitlines()
-    assert table[0].split()[:5] == ["JOB", "STATE", "REQUEUES", "STEP", "LOSS"]
-    assert table[1].split()[:6] == ["local-0", "COMPLETED", "0", "3", "0.3333", "train.lr=1e-3"]
+    assert table[0].split()[:6] == ["JOB", "STATE", "REQUEUES", "STEP", "LOSS", "EVALUATED"]
+    assert table[1].split()[:7] == ["local-0", "COMPLETED", "0", "3", "0.3333", "-", "train.lr=1e-3"]
+    # Once evaluated: the newest evaluation's numbers at its single-figure scale.
+    for step, acc in ((2, 0.5), (3, 0.95)):
+        (run / "eval" / f"step_{step:09d}").mkdir(parents=True)
+        (run / "eval" / f"step_{step:09d}" / "metrics.json").write_text(json.dumps({
+            "checkpoint": {"step": step}, "guidance": {"convention": "gamma", "display_scale": 5.0, "conditional": True},
+            "sections": {"guidance": {"rows": [{"scale": 1.0, "accuracy": 0.1, "feature_fid": 9.0},
+                                               {"scale": 5.0, "accuracy": acc, "feature_fid": 2.5,
+                                                "inception_fid": None}]}}}))
+    (run / "eval" / "step_000000004").mkdir()  # an evaluation still running: no metrics.json yet
+    rows = sweep.status_rows(sweep.read_manifest(path))
+    assert rows[0]["eval"] == "step 3: acc 0.950 fFID 2.5 (γ=5)" and rows[1]["eval"] is None
+    assert "step 3: acc 0.950 fFID 2.5 (γ=5)  train.lr=1e-3" in sweep.format_status(rows)
     with pytest.raises(UserError, match="not found"):
         sweep.read_manifest(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{")

@@ -355,3 +355,55 @@ def test_inception_metrics_end_to_end(run, evaluated, tmp_path):
     row = m["sections"]["guidance"]["rows"][0]
     assert row["inception_fid"] > 0 and row["inception_score"] >= 1.0
     assert "Inception FID" in (run / "eval" / "step_000000020" / "report.md").read_text()
+
+
+def _hparams_api(port, route, body):
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/data/plugin/hparams/{route}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_headline_metrics_and_hparams_reach_tensorboard(evaluated, run):
+    """The evaluation's numbers with the run's hyper-parameters, read back through TensorBoard's own HTTP
+    API (the HParams plugin) from a server on 127.0.0.1, as `jobs.tensorboard` serves the run root."""
+    import time
+
+    from ddpm.cluster import tensorboard as tbs
+    from ddpm.evaluate.hparams import headline
+
+    out, _, _ = evaluated
+    m = json.loads((out / "metrics.json").read_text())  # as the latest evaluation of this checkpoint left it
+    assert m["hparams"] == str(out / "tb")
+    expected = headline(m)  # e.g. {"eval/accuracy/γ=3": 0.15, "eval/feature_fid/γ=3": 310.2, ...}
+    tag = sorted(expected)[0]
+    port = tbs.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tensorboard", str(run.parent), "--port", str(port)],
+                            cwd=ROOT, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, experiment = time.monotonic() + 90, {}
+        while not experiment.get("metricInfos"):
+            assert proc.poll() is None and time.monotonic() < deadline, experiment
+            time.sleep(0.5)
+            try:
+                experiment = _hparams_api(port, "experiment", {"experimentName": ""})
+            except OSError:
+                pass
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"run", "model.arch", "train.lr", "train.batch_size", "train.steps", "eval.sampler"} <= hparams
+        tags = {mi["name"]["tag"] for mi in experiment["metricInfos"]}
+        assert set(expected) == tags and any("/γ=" in t for t in tags), tags
+        groups = _hparams_api(port, "session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 10,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"hparam": "train.steps"}, {"metric": {"tag": tag, "group": ""}}]})
+        assert groups["totalSize"] == 1
+        session = groups["sessionGroups"][0]
+        assert session["hparams"]["train.steps"] == 20 and session["hparams"]["run"] == "tiny"
+        values = {v["name"]["tag"]: v["value"] for v in session["metricValues"]}
+        assert math.isclose(values[tag], expected[tag], rel_tol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -492,7 +492,7 @@ def test_bench_template_refuses_full_sizes_without_a_gpu(slurm, mnist_root, tmp_
 @pytest.mark.slurm
 @pytest.mark.parametrize("script,args", [("mnist.sh", []), ("cifar10.sh", ["--mem=1G"]),
                                          ("evaluate.sh", []), ("sweep.sh", ["--array=0-3"]),
-                                         ("bench.sh", ["--mem=4G"])])
+                                         ("bench.sh", ["--mem=4G"]), ("sample.sh", ["--mem=4G"])])
 def test_sbatch_accepts_the_template(slurm, tmp_path, script, args):
     """`sbatch --test-only`: every #SBATCH line parses, and the request (4 GPUs for cifar10.sh) fits a
     4-GPU node once CPUs and memory are scaled to the CI node."""

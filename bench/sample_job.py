@@ -1,0 +1,103 @@
+"""Samples per second of ``jobs.sample``: one process against P processes on the same request.
+
+    python -m bench.sample_job [--device cpu|cuda] [--processes P] [--num 2000] [--data-root data] [--quick]
+
+Both rows run the same request on the same run (configs/mnist.yaml trained for a few steps: the speed does
+not depend on the weights): DDIM with 50 steps, γ=5, shards of 250.
+- baseline: ``python -m jobs.sample RUN --num N`` (one process; on a CPU it uses every core)
+- ours: ``torchrun --nproc_per_node P -m jobs.sample RUN --num-samples N`` (P ranks; on a CPU one thread
+  each, on CUDA one GPU each)
+Wall time runs from process start to exit (imports and model loading included); the outputs of the two
+rows are compared bit for bit (on a CPU).
+--quick: D=8 net, 60 samples of DDIM-5: checks the paths, its numbers mean nothing.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: python bench/sample_job.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bench import common
+from bench.quality import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_job(cmd: list[str], log: Path, threads: int | None = None) -> tuple[float, float | None]:
+    """(wall seconds, rank 0's own samples/s from its log)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode} (log: {log})")
+    m = re.search(r"\(([\d.]+) samples/s per rank\)", log.read_text())
+    return wall, float(m.group(1)) if m else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sample_job", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--processes", type=int, metavar="P",
+                   help="ranks of the second row (default: the GPU count on CUDA, the core count on a CPU)")
+    p.add_argument("--num", type=int, metavar="N", help="samples per request (default: 2000; --quick 60)")
+    p.add_argument("--data-root", default="data", metavar="DIR", help="torchvision root holding MNIST/raw")
+    p.add_argument("--quick", action="store_true", help="smoke sizes: checks every path, numbers mean nothing")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available; use --device cpu")
+    if not (Path(args.data_root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        p.error(f"MNIST not found in {args.data_root}/MNIST/raw: run 'python -m jobs.prepare_data --dataset mnist "
+                f"--root {args.data_root}' or pass --data-root")
+    cores = len(os.sched_getaffinity(0))
+    procs = args.processes or (torch.cuda.device_count() if args.device == "cuda" else cores)
+    num = args.num or (60 if args.quick else 2000)
+    if procs < 2 or num < procs:
+        p.error(f"--processes must be >= 2 and --num >= --processes; got {procs}, {num}")
+    common.header("ddpm-hpc jobs.sample: one process vs several on the same request",
+                  argparse.Namespace(device=torch.device(args.device), quick=args.quick), None)
+    steps = "5" if args.quick else "50"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run = work / "run"
+        run_job([sys.executable, "-m", "jobs.train", "--config", str(ROOT / "configs" / "mnist.yaml"),
+                 f"data.root={Path(args.data_root).resolve()}", f"train.device={args.device}", "train.steps=4",
+                 "log.progress=lines", "log.tensorboard=false", "sample.sampler=ddim", "sample.steps=5",
+                 "sample.per_class=1", *(["model.hidden=8"] if args.quick else []), "--run-dir", str(run)],
+                work / "train.log")
+        request = ["--sampler", "ddim", "--steps", steps, "--guidance", "5", "--convention", "gamma", "--batch", "250",
+                   "--device", args.device]
+        one = timed_job([sys.executable, "-m", "jobs.sample", str(run), "--num-samples", str(num), *request,
+                         "--out", "one"], work / "one.log")
+        many = timed_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                          "-m", "jobs.sample", str(run), "--num-samples", str(num), *request, "--out", "many"],
+                         work / "many.log", threads=None if args.device == "cuda" else max(1, cores // procs))
+        from ddpm.run.samples import read_samples
+        a, _, _ = read_samples(run / "samples" / "one.h5", "samples")
+        b, _, _ = read_samples(run / "samples" / "many.h5", "samples")
+        same = "identical" if np.array_equal(a, b) else "differ (expected only on CUDA)"
+    print(f"request: {num} samples, ddim {steps} steps, γ=5, shards of 250; outputs of the two rows: {same}\n")
+    cols = ["row", "processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)"]
+    lines = [["baseline: python -m jobs.sample", 1, f"{one[0]:.1f}", f"{num / one[0]:.1f}", common.fmt_rate(one[1]),
+              "1.00x"],
+             [f"ours: torchrun x {procs}", procs, f"{many[0]:.1f}", f"{num / many[0]:.1f}", common.fmt_rate(many[1]),
+              f"{one[0] / many[0]:.2f}x"]]
+    common.print_markdown(cols, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Generate N samples of a trained run (e.g. 50,000 for FID), sharded over any number of processes.
+
+    python -m jobs.sample RUN_DIR --num 50000 --guidance 3 --convention w --sampler ddim --steps 50
+    torchrun --nproc_per_node 4 -m jobs.sample RUN_DIR --num-samples 50000 ...   # or: sbatch slurm/sample.sh
+"""
+import argparse
+import sys
+
+from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+
+EPILOG = """\
+output: RUN_DIR/samples/NAME.h5 (group 'samples': images uint8 (N, H, W, C), labels, the settings as
+  attrs); NAME defaults to step_<step>_<convention>_<scale>_<sampler><steps>_n<num>_seed<seed>.
+  --npz writes arr_0/arr_1 (the layout external evaluators read), --png-dir one PNG per sample.
+sample i's noise and label depend only on (seed, i): any number of processes gives the same samples.
+resuming: finished shards are kept; a killed or requeued job redoes only the rest; rerunning a finished
+  request does nothing. Exit status: 0 done, 2 bad input (nothing written), 75 stopped by SIGUSR2/SIGTERM
+  between shards (rerun or requeue to finish)."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by jobs.train")
+    p.add_argument("--num-samples", "--num", dest="num", type=int, required=True, metavar="N",
+                   help="number of samples (under torchrun spell it --num-samples: torchrun takes --num for its "
+                        "own --numa-binding)")
+    p.add_argument("--guidance", type=float, metavar="S", help="one guidance scale (default: the median of "
+                                                               "sample.guidance)")
+    p.add_argument("--convention", metavar="gamma|w", help="guidance convention (default: sample.convention)")
+    p.add_argument("--sampler", metavar="NAME", help="ddpm, ddim, euler, heun (default: sample.sampler; ddim on CPU)")
+    p.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: sample.steps)")
+    p.add_argument("--checkpoint", default="latest", metavar="WHICH", help="latest (default), a step, or a path")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the EMA weights (default: sample.ema of the config)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling noise (default: sample.seed)")
+    p.add_argument("--batch", type=int, default=250, metavar="B", help="samples per shard and sampler call "
+                   "(default: 250; part of the request: changing it changes the samples of stochastic samplers)")
+    p.add_argument("--out", metavar="NAME", help="output name under RUN_DIR/samples/ (default: from the settings)")
+    p.add_argument("--npz", metavar="PATH", help="also write the samples as an npz (arr_0, arr_1); must not exist")
+    p.add_argument("--png-dir", metavar="DIR", help="also write one PNG per sample (000000.png, ...) into DIR")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="default: cuda:LOCAL_RANK if available")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ddpm.evaluate.sample_request import SampleRequest, plan_request, run_request
+    from ddpm.train import dist
+    from ddpm.train.preempt import PreemptionHandler
+
+    info = None
+    try:
+        info = dist.init_distributed(args.device)
+        req = SampleRequest(run_dir=args.run_dir, num=args.num, guidance=args.guidance, convention=args.convention,
+                            sampler=args.sampler, steps=args.steps, checkpoint=args.checkpoint, ema=args.ema,
+                            seed=args.seed, batch=args.batch, out=args.out, png_dir=args.png_dir, npz=args.npz,
+                            device=info.device.type)
+        plan = plan_request(req)
+        with PreemptionHandler() as preempt:
+            return run_request(plan, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
+                               log=lambda *a: print(*a, flush=True) if info.is_main or "rank" in str(a[0]) else None)
+    except UserError as e:
+        if info is None or info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
