@@ -2,19 +2,21 @@
 the untrained net and against the training images themselves (the ceiling).
 
     python -m bench.cifar_quality [--data-root ../shared/data/cifar10] [--classifier PATH] [--steps 2000]
-                                  [--samples 200] [--device cpu|cuda] [--keep DIR] [--quick]
+                                  [--samples 200] [--device cpu|cuda] [--keep DIR | --reuse DIR] [--quick]
 
 Rows, all measured in this run with one classifier and the same number of images n per row:
 - training images: the first n/10 training images of each class, scored like samples: the accuracy and
   feature-FID a perfect generator would reach at this n.
 - trained: ``python -m jobs.train --config configs/cifar10.yaml`` at a CPU-sized width (SMALL below) for
   --steps steps of batch 64, then ``python -m jobs.evaluate RUN --only grids,metrics --guidance 0,1,3
-  --convention w --sampler ddim --steps 25 --metric-samples n --seed 0`` on its EMA weights.
+  --convention w --sampler ddim --steps 25 --clip-x0 --metric-samples n --seed 0`` on its EMA weights
+  (x0 clipped at every step, as configs/cifar10.yaml samples; --no-clip shows what happens without).
 - untrained: the same config and evaluation after one step at lr 1e-12, i.e. the initial weights.
 Label accuracy: the fraction the classifier assigns to the requested class (chance: 0.10). Feature-FID:
 the Fréchet distance of the classifier's penultimate features to the test split's; it shrinks with n, so
 compare rows with the same n only. On the subset of ../shared/data/cifar10 both the classifier and the
 reference statistics come from a subset: the numbers are not comparable with full-data ones.
+--reuse DIR: evaluate the runs and classifier that an earlier ``--keep DIR`` left, without training again.
 --quick: 4 steps, 20 samples, DDIM-3: it checks that every path runs, its numbers mean nothing.
 """
 import argparse
@@ -56,7 +58,8 @@ def evaluate(args, run_dir: Path, work: Path) -> tuple[dict, Path]:
     """The evaluation job's guidance rows {scale: row} and its guidance grid."""
     cmd = [sys.executable, "-m", "jobs.evaluate", str(run_dir), "--only", "grids,metrics",
            "--guidance", ",".join(f"{g:g}" for g in GUIDANCE), "--convention", "w", "--sampler", "ddim",
-           "--steps", "3" if args.quick else "25", "--metric-samples", str(args.samples), "--seed", "0",
+           "--steps", "3" if args.quick else "25", "--no-clip-x0" if args.no_clip else "--clip-x0",
+           "--metric-samples", str(args.samples), "--seed", "0",
            "--device", args.device, "--classifier", str(args.classifier)]
     run_job(cmd, work / f"{run_dir.name}-eval.log")
     out = sorted((run_dir / "eval").iterdir())[-1]
@@ -96,6 +99,8 @@ def parse_args():
     p.add_argument("--steps", type=int, metavar="N", help="training steps of batch 64 (default: 2000, ~25 min on 2 cores; --quick 4)")
     p.add_argument("--samples", type=int, metavar="N", help="images per row (default: 200; --quick 20)")
     p.add_argument("--keep", metavar="DIR", help="write the runs, logs and grids to DIR (new) and keep them")
+    p.add_argument("--reuse", metavar="DIR", help="only evaluate the runs of an earlier --keep DIR (its classifier too)")
+    p.add_argument("--no-clip", action="store_true", help="evaluate without x0 clipping")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available; use --device cpu")
@@ -112,6 +117,13 @@ def parse_args():
                 f"'python -m jobs.train_classifier --dataset cifar10 --root {args.data_root} --out PATH'")
     if args.keep and Path(args.keep).exists():
         p.error(f"--keep {args.keep} already exists; name a new directory")
+    if args.reuse:
+        if args.keep:
+            p.error("--reuse DIR already names where the runs are; drop --keep")
+        if not all((Path(args.reuse) / run / "config.json").is_file() for run in ("trained", "untrained")):
+            p.error(f"--reuse {args.reuse} does not hold the trained/ and untrained/ runs of an earlier --keep")
+        args.keep = args.reuse
+        args.classifier = args.classifier or str(Path(args.reuse) / "cifar10_cnn.pt")
     return args
 
 
@@ -122,6 +134,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep).resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if args.reuse:  # the logs of this evaluation go next to the first ones
+            work = work / ("reuse-noclip" if args.no_clip else "reuse")
+            work.mkdir(exist_ok=True)
         if args.classifier is None:
             args.classifier = work / "cifar10_cnn.pt"
             run_job([sys.executable, "-m", "jobs.train_classifier", "--dataset", "cifar10", "--root", args.data_root,
@@ -130,10 +145,16 @@ def main() -> int:
         args.classifier = Path(args.classifier).resolve()
         clf_meta = torch.load(args.classifier, map_location="cpu", weights_only=True)["meta"]
         ceiling = training_images(args)
-        trained, wall = train(args, "trained", work, [f"train.steps={args.steps}",
-                                                      f"checkpoint.every={max(1, args.steps // 4)}"])
+        if args.reuse:
+            runs = Path(args.reuse).resolve()
+            trained, untrained = runs / "trained", runs / "untrained"
+            args.steps = json.loads((trained / "config.json").read_text())["train"]["steps"]
+            wall = float("nan")
+        else:
+            trained, wall = train(args, "trained", work, [f"train.steps={args.steps}",
+                                                          f"checkpoint.every={max(1, args.steps // 4)}"])
+            untrained, _ = train(args, "untrained", work, ["train.steps=1", "train.lr=1e-12", "train.warmup_steps=0"])
         rows_t, grid = evaluate(args, trained, work)
-        untrained, _ = train(args, "untrained", work, ["train.steps=1", "train.lr=1e-12", "train.warmup_steps=0"])
         rows_u, _ = evaluate(args, untrained, work)
         cfg = json.loads((trained / "config.json").read_text())
         n_params = sum(v.numel() for v in torch.load(
@@ -142,8 +163,10 @@ def main() -> int:
         print(f"classifier: {args.classifier} (test accuracy {clf_meta['test_accuracy']:.3f} on "
               f"{clf_meta.get('test_images')} test images, trained on {clf_meta.get('train_images')})")
         print(f"trained: base {cfg['model']['base']}, ch_mult {cfg['model']['ch_mult']}, {n_params / 1e6:.2f} M "
-              f"parameters, {args.steps} steps x {cfg['train']['batch_size']} in {wall:.0f} s "
-              f"({args.steps * cfg['train']['batch_size'] / wall:.1f} img/s, process start to exit)")
+              f"parameters, {args.steps} steps x {cfg['train']['batch_size']}"
+              + (f" in {wall:.0f} s ({args.steps * cfg['train']['batch_size'] / wall:.1f} img/s, process start to exit)"
+                 if wall == wall else " (trained by an earlier run: --reuse)")
+              + f"; sampling: ddim 25 steps, x0 {'not ' if args.no_clip else ''}clipped")
         print()
         cols = ["row", "w", "n", "label accuracy", "feature-FID", "FID vs untrained"]
         lines = [["training images (ceiling)", "-", ceiling["n"], fmt(ceiling["accuracy"]),

@@ -85,6 +85,7 @@ class SampleConfig:
     per_class: int = 4
     ema: bool = True
     seed: int = 1234
+    clip_x0: bool = False               # clip the predicted x0 to [-1, 1] at every ddpm/ddim step (Ho et al.)
 
 
 @dataclass(frozen=True)

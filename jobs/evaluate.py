@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--convention", metavar="gamma|w", help="guidance convention: gamma: eps_u + g (eps_c - eps_u); "
                                                            "w: (1 + w) eps_c - w eps_u (default: sample.convention)")
     p.add_argument("--sampler", metavar="NAME", help="ddpm, ddim (eps/x0/v runs), euler, heun (rectified flow)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x0 to [-1, 1] at every ddpm/ddim step (default: sample.clip_x0)")
     p.add_argument("--steps", type=int, metavar="N", help="sampling steps (ddim <= T; ddpm always runs T)")
     p.add_argument("--per-class", type=int, metavar="K", help="samples per class in the per-scale grids "
                                                                "(default: sample.per_class)")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
                   convention=a.convention, sampler=a.sampler, steps=a.steps, per_class=a.per_class, seed=a.seed,
                   device=a.device, only=a.only, inception_weights=a.inception_weights, export_npz=a.export_npz,
                   classifier=a.classifier, metric_samples=a.metric_samples, table_samples=a.table_samples,
-                  fast_steps=a.fast_steps, reference_images=a.reference_images)
+                  fast_steps=a.fast_steps, reference_images=a.reference_images, clip_x0=a.clip_x0)
     try:
         plan = make_plan(req)  # every check; nothing is written before it passes
         run(plan, argv, log=lambda s: print(s, flush=True))

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--convention", metavar="gamma|w", help="guidance convention (default: sample.convention)")
     p.add_argument("--sampler", metavar="NAME", help="ddpm, ddim, euler, heun (default: sample.sampler; ddim on CPU)")
     p.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: sample.steps)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x0 to [-1, 1] at every ddpm/ddim step (default: sample.clip_x0)")
     p.add_argument("--checkpoint", default="latest", metavar="WHICH", help="latest (default), a step, or a path")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the EMA weights (default: sample.ema of the config)")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
         req = SampleRequest(run_dir=args.run_dir, num=args.num, guidance=args.guidance, convention=args.convention,
                             sampler=args.sampler, steps=args.steps, checkpoint=args.checkpoint, ema=args.ema,
                             seed=args.seed, batch=args.batch, out=args.out, png_dir=args.png_dir, npz=args.npz,
-                            device=info.device.type)
+                            device=info.device.type, clip_x0=args.clip_x0)
         plan = plan_request(req)
         with PreemptionHandler() as preempt:
             return run_request(plan, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,

@@ -136,10 +136,10 @@ ddpm_run_step() {
       return 1
     fi
     if [ "$_ddpm_term" = 1 ]; then
-      ddpm_log "training stopped after SIGTERM (exit $rc); SLURM itself requeues or cancels the job"
+      ddpm_log "${_ddpm_what:-training} stopped after SIGTERM (exit $rc); SLURM itself requeues or cancels the job"
       return "$rc"
     fi
-    ddpm_log "training stopped for preemption (exit $rc)"
+    ddpm_log "${_ddpm_what:-training} stopped for preemption (exit $rc)"
     ddpm_requeue "$rc"
     return
   fi
@@ -156,7 +156,7 @@ ddpm_sample() {
   ddpm_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): sampling $run_dir${*:+ with $*};" \
            "${SLURM_NTASKS:-1} task(s), rendezvous $MASTER_ADDR:$MASTER_PORT; python $(command -v "$PYTHON")"
   # Progress and the count of restarts without it are kept in RUN_DIR/samples, apart from training's.
-  _ddpm_progress=ddpm_committed_shards
+  _ddpm_progress=ddpm_committed_shards _ddpm_what=sampling
   ddpm_run_step "$run_dir/samples" srun --kill-on-bad-exit=1 "$PYTHON" -m jobs.sample "$run_dir" "$@"
 }
 

@@ -43,14 +43,16 @@ def eps_model_for(net, sched: NoiseSchedule, objective: str, device):
 
 def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: float = 1.0, convention: str = "gamma",
              sampler: str | None = None, steps: int | None = None, device="cpu", x_T=None, capture=None,
-             model=None):
+             model=None, clip_x0: bool | None = None):
     """Sample images (B, C, H, W) in about [-1, 1] for ``labels`` (LongTensor (B,), or None with ``n``).
 
     ``guidance`` is ignored for unconditional nets only when it is the neutral value (gamma 1 / w 0);
     otherwise an unconditional net raises a UserError. ``model``: the net's ``(x, t, y) -> eps`` callable
     to use instead of :func:`eps_model_for` (e.g. compiled once with
     :func:`ddpm.diffusion.compiled.compile_for_sampling`); guidance is applied around it, so one compiled
-    model serves every scale. Returns x, or (x, trajectory) with ``capture``.
+    model serves every scale. ``clip_x0`` (default: ``sample.clip_x0``) clips the predicted clean image to
+    [-1, 1] at every DDPM / DDIM step, as the DDPM paper's sampler does: it keeps an undertrained net's
+    samples from saturating (flows ignore it). Returns x, or (x, trajectory) with ``capture``.
     """
     sampler = sampler or cfg.sample.sampler
     steps = effective_steps(cfg, sampler, steps)
@@ -69,12 +71,14 @@ def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: flo
     kw = dict(generator=gen, x_T=x_T, capture=capture, device=device)
     if labels is not None:
         labels = labels.to(device)
+    clip = cfg.sample.clip_x0 if clip_x0 is None else clip_x0
     if sampler == "ddpm":
         if steps != sched.T:
             raise UserError(f"the ddpm sampler always runs all T={sched.T} steps; use sampler ddim for {steps} steps")
-        return sample_ddpm(model, sched, shape, labels, **kw)
+        # Clipping needs the x0 form of the DDPM step (the same step when nothing is clipped).
+        return sample_ddpm(model, sched, shape, labels, form="x0" if clip else "eps", clip_x0=clip, **kw)
     if sampler == "ddim":
-        return sample_ddim(model, sched, shape, labels, steps=steps, **kw)
+        return sample_ddim(model, sched, shape, labels, steps=steps, clip_x0=clip, **kw)
     if sampler in ("euler", "heun"):
         if cfg.diffusion.objective != "rectified_flow":
             raise UserError(f"sampler {sampler} integrates rectified-flow models; this one was trained with "

@@ -32,6 +32,7 @@ def hparams_of(cfg, metrics: dict) -> dict:
     hp["train.steps"] = metrics["checkpoint"]["step"]  # the evaluated checkpoint's step
     hp["eval.ema"] = bool(metrics["checkpoint"]["ema"])
     hp["eval.sampler"] = f"{metrics['sampler']['name']} {metrics['sampler']['steps']}"
+    hp["eval.clip_x0"] = bool(metrics["sampler"].get("clip_x0"))
     return hp
 
 

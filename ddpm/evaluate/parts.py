@@ -90,6 +90,7 @@ def run(plan, argv: list | None = None, log=print) -> dict:
         "checkpoint": {"step": plan.step, "path": str(plan.checkpoint_path), "ema": plan.ema},
         "seed": plan.seed, "device": str(plan.device), "parts": list(plan.parts),
         "sampler": {"name": plan.sampler, "steps": plan.steps, "note": plan.sampler_note or None,
+                    "clip_x0": plan.clip_x0,
                     "fast_sampler": plan.fast_sampler, "fast_steps": plan.fast_steps},
         "guidance": {"convention": plan.convention if plan.kind == "generative" else None,
                      "scales": plan.scales, "display_scale": plan.display_scale if plan.scales else None,

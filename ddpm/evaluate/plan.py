@@ -47,6 +47,7 @@ class Request:
     table_samples: int = 20
     fast_steps: int = 20
     reference_images: int | None = None
+    clip_x0: bool | None = None
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Plan:
     inception: object = None           # ddpm.evaluate.inception.InceptionScorer or None
     export_npz: Path | None = None
     notes: list = field(default_factory=list)  # warnings for the user (printed and in the report)
+    clip_x0: bool = False              # clip x0 to [-1, 1] at every ddpm/ddim step
 
     @property
     def out_dir(self) -> Path:
@@ -274,7 +276,8 @@ def make_plan(req: Request) -> Plan:
     plan = Plan(run_dir=run_dir, cfg=cfg, kind=kind, step=step, checkpoint_path=ckpt_path, net=net, ema=use_ema,
                 parts=parts, device=device, seed=cfg.sample.seed if req.seed is None else req.seed,
                 per_class=req.per_class or cfg.sample.per_class, metric_samples=req.metric_samples,
-                table_samples=req.table_samples, export_npz=export, notes=notes)
+                table_samples=req.table_samples, export_npz=export, notes=notes,
+                clip_x0=cfg.sample.clip_x0 if req.clip_x0 is None else req.clip_x0)
     if kind == "generative":
         plan.conditional = bool(getattr(net, "num_classes", 0))
         _resolve_guidance(req, plan)

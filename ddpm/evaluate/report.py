@@ -30,7 +30,8 @@ def render(m: dict) -> str:
             ["checkpoint", f"step {ck['step']} (`{ck['path']}`), {'EMA' if ck['ema'] else 'raw'} weights"],
             ["config hash", m["config_hash"]], ["seed", m["seed"]], ["device", m["device"]]]
     if s["name"]:
-        info.append(["sampler", f"{s['name']}, {s['steps']} steps" + (f" ({s['note']})" if s["note"] else "")])
+        info.append(["sampler", f"{s['name']}, {s['steps']} steps" + (", x0 clipped to [-1, 1]" if s.get("clip_x0") else "")
+                     + (f" ({s['note']})" if s["note"] else "")])
         info.append(["fast sampler (progression, interpolation)", f"{s['fast_sampler']}, {s['fast_steps']} steps"])
         if g["conditional"]:
             info.append(["guidance", f"{g['convention']} convention: {', '.join(f'{x:g}' for x in g['scales'])} "

@@ -51,6 +51,7 @@ class SampleRequest:
     png_dir: str | None = None
     npz: str | None = None
     device: str | None = None
+    clip_x0: bool | None = None
 
 
 @dataclass
@@ -90,7 +91,7 @@ def plan_request(req: SampleRequest) -> SamplePlan:
     plan = make_plan(Request(run_dir=req.run_dir, checkpoint=req.checkpoint, ema=req.ema,
                              guidance=None if req.guidance is None else repr(float(req.guidance)),
                              convention=req.convention, sampler=req.sampler, steps=req.steps, seed=req.seed,
-                             device=req.device, only="grids"))
+                             device=req.device, only="grids", clip_x0=req.clip_x0))
     if plan.kind != "generative":
         raise UserError(f"{req.run_dir} is a {plan.cfg.diffusion.objective} run: it does not generate samples")
     if req.guidance is None:
@@ -103,7 +104,7 @@ def plan_request(req: SampleRequest) -> SamplePlan:
     settings = dict(run=cfg.name, config_hash=cfg.hash(), dataset=cfg.data.dataset, step=plan.step,
                     ema=plan.ema, conditional=plan.conditional, guidance=scale if plan.conditional else None,
                     convention=plan.convention if plan.conditional else None, sampler=plan.sampler,
-                    steps=plan.steps, seed=plan.seed, num=req.num, batch=req.batch,
+                    steps=plan.steps, clip_x0=plan.clip_x0, seed=plan.seed, num=req.num, batch=req.batch,
                     labels="i mod classes" if plan.conditional else "none")
     guide = f"_{plan.convention}_{scale:g}" if plan.conditional else ""
     name = req.out or (f"step_{plan.step:09d}{guide}_{plan.sampler}{plan.steps}"
@@ -178,7 +179,7 @@ def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lamb
         x = generate(plan.net, plan.cfg, labels, n=len(idx), seed=mix_seed(plan.seed, SHARD_STREAM, k),
                      guidance=s["guidance"] if plan.conditional else 1.0, convention=plan.convention,
                      sampler=plan.sampler, steps=plan.steps, device=plan.device, x_T=_x_T(plan, idx).to(plan.device),
-                     model=fast)
+                     model=fast, clip_x0=plan.clip_x0)
         store.commit(k, plan.to_u8(x), (labels if labels is not None else torch.full((len(idx),), -1)).numpy())
         made += len(idx)
         bar.update(len(idx))

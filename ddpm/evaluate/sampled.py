@@ -44,13 +44,14 @@ def _sample(plan, net, labels, n, scale, sampler, steps, seed, x_T=None, capture
     """generate() in chunks of CHUNK images: samples in model space (and the CPU trajectory if captured)."""
     if capture is not None or n <= CHUNK:
         return generate(net, plan.cfg, labels, n=n, seed=seed, guidance=scale, convention=plan.convention,
-                        sampler=sampler, steps=steps, device=plan.device, x_T=x_T, capture=capture)
+                        sampler=sampler, steps=steps, device=plan.device, x_T=x_T, capture=capture,
+                        clip_x0=plan.clip_x0)
     parts = []
     for i, lo in enumerate(range(0, n, CHUNK)):
         hi = min(n, lo + CHUNK)
         parts.append(generate(net, plan.cfg, None if labels is None else labels[lo:hi], n=hi - lo,
                               seed=seed + 7919 * i, guidance=scale, convention=plan.convention, sampler=sampler,
-                              steps=steps, device=plan.device).cpu())
+                              steps=steps, device=plan.device, clip_x0=plan.clip_x0).cpu())
     return torch.cat(parts)
 
 
@@ -67,7 +68,8 @@ def _sampler_line(plan, sampler, steps, scale=None) -> str:
         guide = "guidance convention w (w=0 conditional, w=−1 unconditional)"
     if scale is not None and plan.conditional:
         guide += f" · {_symbol(plan)}={scale:g}"
-    return f"sampler {sampler}, {steps} steps · {guide}"
+    clip = ", x0 clipped" if plan.clip_x0 and sampler in ("ddpm", "ddim") else ""
+    return f"sampler {sampler}, {steps} steps{clip} · {guide}"
 
 
 def _scores(plan, u8: np.ndarray, labels) -> dict:

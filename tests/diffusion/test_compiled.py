@@ -41,3 +41,31 @@ def test_cuda_paths_match_eager(opts):
     out = sample_ddim(fast, sched, (8, 3, 32, 32), y, steps=10, generator=gen.manual_seed(0))
     tol = 0.1 if opts["bf16"] else 1e-3
     assert (out - ref).abs().max().item() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_compilation_serves_every_guidance_scale():
+    """jobs.sample's path: the net compiled once, guidance applied around it; a second scale recompiles nothing."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    net = build_net("cifar_unet", base=32, num_classes=10).to(dev).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.02)
+    sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
+    y = torch.arange(8, device=dev) % 10
+    torch._dynamo.reset()
+    counters.clear()
+    fast = compile_for_sampling(net, dev, bf16=True, compile=True, cuda_graphs=True)
+    outs = {}
+    for scale in (1.0, 3.0):
+        guided = classifier_free_guidance(fast, scale, "w", num_classes=10)
+        outs[scale] = sample_ddim(guided, sched, (8, 3, 32, 32), y, steps=5,
+                                  generator=torch.Generator(device=dev).manual_seed(0))
+        if scale == 1.0:
+            frames = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == frames  # no new graph for the second scale
+    eager = sample_ddim(classifier_free_guidance(net, 3.0, "w", num_classes=10), sched, (8, 3, 32, 32), y, steps=5,
+                        generator=torch.Generator(device=dev).manual_seed(0))
+    assert (outs[3.0] - eager).abs().max().item() < 0.1

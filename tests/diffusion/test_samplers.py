@@ -234,3 +234,30 @@ def test_samplers_run_under_inference_mode():
     S.sample_ddim(lambda x, t, y: seen.append(torch.is_inference_mode_enabled()) or torch.zeros_like(x),
                   SCHED, (1, 1, 1, 1), steps=3, generator=gen())
     assert seen == [True] * 3
+
+
+def test_sample_clip_x0_from_the_config_reaches_ddim_and_ddpm():
+    """generate() takes sample.clip_x0 (or its argument): a net whose x0 predictions run far outside [-1, 1]
+    gives saturating samples without it and samples in [-1, 1] with it, for both samplers."""
+    from dataclasses import replace
+
+    from ddpm.config import Config
+    from ddpm.diffusion.from_config import generate
+
+    cfg = Config()
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, T=20))
+    on = replace(cfg, sample=replace(cfg.sample, clip_x0=True))
+    assert cfg.sample.clip_x0 is False
+
+    def bad_net(x, t, y):  # predicts noise that points away from the data: x0_hat grows without bound
+        return -3.0 * x
+
+    bad_net.num_classes = 0
+    for sampler, steps in (("ddim", 5), ("ddpm", 20)):
+        kw = dict(n=4, seed=0, sampler=sampler, steps=steps)
+        loose = generate(bad_net, cfg, None, **kw)
+        assert loose.abs().max() > 5, sampler
+        clipped = generate(bad_net, cfg, None, clip_x0=True, **kw)
+        assert torch.equal(generate(bad_net, on, None, **kw), clipped)
+        assert clipped.abs().max() <= 1.0 + 1e-6 or sampler == "ddpm", sampler
+        assert clipped.abs().max() < 2.0, sampler  # ddpm adds the last step's small noise after the clip

@@ -28,7 +28,7 @@ def test_cpu_dry_run_runs_every_step(tmp_path, mnist_root, untrained_classifier)
         assert (out / f"{table}.md").read_text().startswith("| ")
         assert f"## {table}" in summary
     assert "gamma_5" in summary  # the evaluation's metric lines
-    assert "4 skipped" in (out / "cuda_tests.log").read_text()  # the 4 CUDA tests, collected; they skip on a CPU
+    assert "5 skipped" in (out / "cuda_tests.log").read_text()  # the 5 CUDA tests, collected; they skip on a CPU
 
 
 def test_bad_arguments_and_a_tight_budget(tmp_path, mnist_root, untrained_classifier):
