@@ -1,9 +1,9 @@
 """Samples per second of ``jobs.sample``: one process against P processes on the same request.
 
-    python -m bench.sample_job [--device cpu|cuda] [--processes P] [--num 2000] [--data-root data] [--quick]
+    python -m bench.sample_job [--device cpu|cuda] [--processes P] [--num N] [--data-root data] [--quick]
 
 Both rows run the same request on the same run (configs/mnist.yaml trained for a few steps: the speed does
-not depend on the weights): DDIM with 50 steps, γ=5, shards of 250.
+not depend on the weights): DDIM with 50 steps, γ=5, shards of min(250, N / 2P) samples.
 - baseline: ``python -m jobs.sample RUN --num N`` (one process; on a CPU it uses every core)
 - ours: ``torchrun --nproc_per_node P -m jobs.sample RUN --num-samples N`` (P ranks; on a CPU one thread
   each, on CUDA one GPU each)
@@ -53,7 +53,8 @@ def main() -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--processes", type=int, metavar="P",
                    help="ranks of the second row (default: the GPU count on CUDA, the core count on a CPU)")
-    p.add_argument("--num", type=int, metavar="N", help="samples per request (default: 2000; --quick 60)")
+    p.add_argument("--num", type=int, metavar="N", help="samples per request (default: 2000 on CUDA, 200 on a CPU; "
+                                                        "--quick 60)")
     p.add_argument("--data-root", default="data", metavar="DIR", help="torchvision root holding MNIST/raw")
     p.add_argument("--quick", action="store_true", help="smoke sizes: checks every path, numbers mean nothing")
     args = p.parse_args()
@@ -64,12 +65,13 @@ def main() -> int:
                 f"--root {args.data_root}' or pass --data-root")
     cores = len(os.sched_getaffinity(0))
     procs = args.processes or (torch.cuda.device_count() if args.device == "cuda" else cores)
-    num = args.num or (60 if args.quick else 2000)
+    num = args.num or (60 if args.quick else 2000 if args.device == "cuda" else 200)
     if procs < 2 or num < procs:
         p.error(f"--processes must be >= 2 and --num >= --processes; got {procs}, {num}")
     common.header("ddpm-hpc jobs.sample: one process vs several on the same request",
                   argparse.Namespace(device=torch.device(args.device), quick=args.quick), None)
     steps = "5" if args.quick else "50"
+    batch = min(250, max(1, num // (2 * procs)))  # at least two shards per rank, so every rank works
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run = work / "run"
@@ -78,7 +80,7 @@ def main() -> int:
                  "log.progress=lines", "log.tensorboard=false", "sample.sampler=ddim", "sample.steps=5",
                  "sample.per_class=1", *(["model.hidden=8"] if args.quick else []), "--run-dir", str(run)],
                 work / "train.log")
-        request = ["--sampler", "ddim", "--steps", steps, "--guidance", "5", "--convention", "gamma", "--batch", "250",
+        request = ["--sampler", "ddim", "--steps", steps, "--guidance", "5", "--convention", "gamma", "--batch", str(batch),
                    "--device", args.device]
         one = timed_job([sys.executable, "-m", "jobs.sample", str(run), "--num-samples", str(num), *request,
                          "--out", "one"], work / "one.log")
@@ -89,7 +91,7 @@ def main() -> int:
         a, _, _ = read_samples(run / "samples" / "one.h5", "samples")
         b, _, _ = read_samples(run / "samples" / "many.h5", "samples")
         same = "identical" if np.array_equal(a, b) else "differ (expected only on CUDA)"
-    print(f"request: {num} samples, ddim {steps} steps, γ=5, shards of 250; outputs of the two rows: {same}\n")
+    print(f"request: {num} samples, ddim {steps} steps, γ=5, shards of {batch}; outputs of the two rows: {same}\n")
     cols = ["row", "processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)"]
     lines = [["baseline: python -m jobs.sample", 1, f"{one[0]:.1f}", f"{num / one[0]:.1f}", common.fmt_rate(one[1]),
               "1.00x"],
