@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, python_env
@@ -12,6 +13,7 @@ COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU")
            "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5"),
            "cifar_quality": ("w", "n", "label accuracy", "feature-FID", "FID vs untrained"),
            "sample_job": ("processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)")}
+
 ROWS = {"quality": ("| recipe", "| quickstart"), "cifar_quality": ("| training images", "| trained", "| untrained")}
 
 
@@ -27,16 +29,12 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, cifar_subset, untrained_classif
                     "--classifier", str(untrained_classifier), "--keep", str(tmp_path / "quality")],
         "cifar_quality": [sys.executable, "-m", "bench.cifar_quality", "--device", "cpu", "--quick", "--data-root",
                           str(cifar_subset), "--keep", str(tmp_path / "cifar")],
-        "sample_job": [sys.executable, "-m", "bench.sample_job", "--device", "cpu", "--quick", "--data-root",
-                       str(mnist_root)],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name, cmd in commands.items()}
-    outputs = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
-        outputs[name] = out
         assert proc.returncode == 0, f"bench {name} failed:\n{out}"
         header = next((line for line in out.splitlines() if line.startswith("| ")), "")
         for column in COLUMNS[name]:
@@ -54,7 +52,6 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, cifar_subset, untrained_classif
             assert (tmp_path / "quality" / run / "eval" / f"step_{step:09d}" / "samples_gamma_5.png").is_file()
     assert (tmp_path / "quality" / "quickstart" / "samples" / "step_000000004_gamma_5.png").is_file()
     assert (tmp_path / "cifar" / "guidance_grid.png").is_file() and (tmp_path / "cifar" / "results.json").is_file()
-    assert "outputs of the two rows: identical" in outputs["sample_job"]  # 1 vs 2 processes, bit for bit
 
 
 def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
@@ -76,3 +73,13 @@ def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert marker.read_text() == "keep me" and len(list((tmp_path / "kept").iterdir())) == 1
+
+
+@pytest.mark.slow  # half a minute; its 1-vs-2-process equality is also tests/integration/test_sample.py's
+def test_sample_job_bench_runs_on_cpu_quick(mnist_root):
+    r = subprocess.run([sys.executable, "-m", "bench.sample_job", "--device", "cpu", "--quick", "--data-root",
+                        str(mnist_root)], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    header = next(line for line in r.stdout.splitlines() if line.startswith("| "))
+    assert all(column in header for column in COLUMNS["sample_job"]), header
+    assert "outputs of the two rows: identical" in r.stdout and "| ours: torchrun x 2" in r.stdout

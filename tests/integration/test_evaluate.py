@@ -277,7 +277,8 @@ def test_unconditional_and_flow_runs(tmp_path, config_path):
     flow = _fake_run(tmp_path, config_path, "flow", ["diffusion.objective=rectified_flow", "sample.sampler=euler"])
     assert evaluate([str(flow), "--only", "gifs,steps", "--table-samples", "2", "--steps", "6"]) == 0
     m = json.loads((flow / "eval" / "step_000000005" / "metrics.json").read_text())
-    assert m["sampler"] == {"name": "euler", "steps": 6, "note": None, "fast_sampler": "euler", "fast_steps": 20}
+    assert m["sampler"] == {"name": "euler", "steps": 6, "note": None, "clip_x0": False, "fast_sampler": "euler",
+                            "fast_steps": 20}
     assert m["sections"]["gifs"]["frames"] == 7
     assert [r["sampler"] for r in m["sections"]["steps"]["rows"]] == ["euler"] * 4 + ["heun"] * 4
 
