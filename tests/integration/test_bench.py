@@ -17,7 +17,7 @@ COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU")
 ROWS = {"quality": ("| recipe", "| quickstart"), "cifar_quality": ("| training images", "| trained", "| untrained")}
 
 
-def test_benchmarks_run_on_cpu_quick(mnist_root, cifar_subset, untrained_classifier, tmp_path):
+def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path):
     commands = {
         "train_throughput": [sys.executable, "bench/train_throughput.py", "--device", "cpu", "--quick",
                              "--data-root", str(mnist_root)],
@@ -27,8 +27,6 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, cifar_subset, untrained_classif
                              "--keep", str(tmp_path / "e2e")],
         "quality": [sys.executable, "-m", "bench.quality", "--device", "cpu", "--quick", "--data-root", str(mnist_root),
                     "--classifier", str(untrained_classifier), "--keep", str(tmp_path / "quality")],
-        "cifar_quality": [sys.executable, "-m", "bench.cifar_quality", "--device", "cpu", "--quick", "--data-root",
-                          str(cifar_subset), "--keep", str(tmp_path / "cifar")],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
@@ -51,7 +49,6 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, cifar_subset, untrained_classif
         for step in steps:
             assert (tmp_path / "quality" / run / "eval" / f"step_{step:09d}" / "samples_gamma_5.png").is_file()
     assert (tmp_path / "quality" / "quickstart" / "samples" / "step_000000004_gamma_5.png").is_file()
-    assert (tmp_path / "cifar" / "guidance_grid.png").is_file() and (tmp_path / "cifar" / "results.json").is_file()
 
 
 def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
@@ -83,3 +80,15 @@ def test_sample_job_bench_runs_on_cpu_quick(mnist_root):
     header = next(line for line in r.stdout.splitlines() if line.startswith("| "))
     assert all(column in header for column in COLUMNS["sample_job"]), header
     assert "outputs of the two rows: identical" in r.stdout and "| ours: torchrun x 2" in r.stdout
+
+
+@pytest.mark.slow  # 40 s of CPU for a classifier, two trainings and two evaluations; their parts: test_cifar.py
+def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.cifar_quality", "--device", "cpu", "--quick", "--data-root",
+                        str(cifar_subset), "--keep", str(tmp_path / "cifar")], cwd=ROOT, env=python_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    header = next(line for line in r.stdout.splitlines() if line.startswith("| "))
+    assert all(column in header for column in COLUMNS["cifar_quality"]), header
+    assert all(row in r.stdout for row in ROWS["cifar_quality"]) and "FAILED" not in r.stdout
+    assert (tmp_path / "cifar" / "guidance_grid.png").is_file() and (tmp_path / "cifar" / "results.json").is_file()
