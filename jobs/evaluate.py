@@ -7,27 +7,36 @@ sample.ema). On a CPU a config sampler of ddpm (all T steps) becomes ddim with -
 unless --sampler ddpm is given. Progression and interpolation always decode with DDIM (Euler for
 rectified flow) and --fast-steps steps; single-scale figures use the median of the guidance list.
 Label accuracy and feature-FID need the classifier of jobs.train_classifier (found in
-DATA_ROOT/classifiers/ by default; without it they are skipped with a warning).
-Bad input: a one-line 'error: ...' and exit status 2, with nothing written.
+DATA_ROOT/classifiers/ by default; without it they are skipped with a warning). Inception FID, IS, KID
+and precision/recall (torch-fidelity, against the training split) need --inception-weights.
+--fid-samples N adds the paper-scale part: N samples per guidance scale, made like jobs.sample (sharded
+over every rank of torchrun or srun, resumable, in RUN_DIR/samples/), then scored on rank 0.
+Bad input: a one-line 'error: ...' and exit status 2, with nothing written. Exit status 75: stopped by
+SIGUSR2/SIGTERM while making the --fid-samples shards (rerun or requeue to finish; shards are kept).
 """
 import argparse
 import sys
 
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+from ddpm.evaluate.fidelity import WEIGHTS_URL
 from ddpm.evaluate.parts import PARTS, run
 from ddpm.evaluate.plan import Request, make_plan
 
 EXAMPLES = f"""parts (--only, comma-separated): {', '.join(PARTS)}
-  generative runs: all but denoiser; one-step denoiser runs: curves, denoiser; noisy classifiers: curves,
-  metrics (accuracy vs timestep)
+  generative runs: all but denoiser (fid only with --fid-samples); one-step denoiser runs: curves, denoiser;
+  noisy classifiers: curves, metrics (accuracy vs timestep)
 
 examples:
   python -m jobs.evaluate runs/00003-mnist-cond-cfg-b512
   python -m jobs.evaluate RUN --guidance 0,1,3,5,7,10,15 --convention gamma --per-class 8
   python -m jobs.evaluate RUN --convention w --guidance 0,0.5,1,2,3 --sampler ddim --steps 50
   python -m jobs.evaluate RUN --checkpoint 5000 --no-ema --only grids,curves
-  python -m jobs.evaluate RUN --device cuda --sampler ddpm --metric-samples 5000 \\
-      --inception-weights ~/weights/inception_v3.pt --export-npz samples.npz
+  python -m jobs.evaluate RUN --device cuda --sampler ddpm --metric-samples 5000 --export-npz samples.npz
+  torchrun --nproc_per_node 4 -m jobs.evaluate RUN --guidance 3 --convention w --sampler ddim --steps 50 \\
+      --fid-samples 50000 --inception-weights ~/weights/weights-inception-2015-12-05-6726825d.pth
+  sbatch --ntasks-per-node 4 --gpus-per-node 4 slurm/evaluate.sh RUN --fid-samples 50000 --inception-weights W
+  the Inception weights, once, on a machine with internet (compute nodes need none):
+    wget {WEIGHTS_URL}
 
 cost with the defaults on 2 CPU cores, configs/mnist.yaml (D=64 CS180 UNet, T=300, guidance 1,5): about
 4 minutes: the guided samples (100 per scale, ddim 20 steps) ~1.5 min, the steps table (20 samples, DDPM
@@ -60,12 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, metavar="K", help="samples per class in the per-scale grids "
                                                                "(default: sample.per_class)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling noise (default: sample.seed)")
-    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if available, else cpu")
+    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda (cuda:LOCAL_RANK) if available, else cpu")
     p.add_argument("--only", metavar="PARTS", help="run only these parts (see below); default: all that apply")
     p.add_argument("--classifier", metavar="PATH", help="classifier from jobs.train_classifier "
                                                         "(default: DATA_ROOT/classifiers/DATASET_cnn.pt)")
-    p.add_argument("--inception-weights", metavar="PATH", help="torchvision inception_v3 state dict: adds "
-                                                               "Inception FID and IS (nothing is downloaded)")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's InceptionV3 weights file: adds "
+                   "Inception FID, IS, KID, precision/recall against the training split (nothing is downloaded)")
+    p.add_argument("--fid-samples", type=int, metavar="N", help="also score N samples per guidance scale (e.g. "
+                   "50000, as papers report FID), made on every rank like jobs.sample; resumable")
     p.add_argument("--export-npz", metavar="PATH", help="also write this evaluation's samples as arr_0 (images) "
                                                         "/ arr_1 (labels) npz; must not exist yet")
     p.add_argument("--metric-samples", type=int, default=100, metavar="N",
@@ -76,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--fast-steps", type=int, default=20, metavar="N",
                    help="steps of the fast sampler for progression and interpolation (default: 20)")
     p.add_argument("--reference-images", type=int, metavar="N",
-                   help="test images for the Inception reference statistics (default: all; cached)")
+                   help="training images for the Inception reference (default: all; cached next to the data)")
     return p.parse_args(argv)
 
 
@@ -90,13 +101,34 @@ def main(argv=None) -> int:
                   convention=a.convention, sampler=a.sampler, steps=a.steps, per_class=a.per_class, seed=a.seed,
                   device=a.device, only=a.only, inception_weights=a.inception_weights, export_npz=a.export_npz,
                   classifier=a.classifier, metric_samples=a.metric_samples, table_samples=a.table_samples,
-                  fast_steps=a.fast_steps, reference_images=a.reference_images, clip_x0=a.clip_x0)
+                  fast_steps=a.fast_steps, reference_images=a.reference_images, clip_x0=a.clip_x0,
+                  fid_samples=a.fid_samples)
+    from ddpm.evaluate.sample_request import fid_requests, run_request
+    from ddpm.train import dist
+    from ddpm.train.preempt import PreemptionHandler
+
+    info = None
     try:
+        info = dist.init_distributed("cpu" if a.device == "cpu" else "auto")
+        if req.device is None:
+            req.device = info.device.type
         plan = make_plan(req)  # every check; nothing is written before it passes
-        run(plan, argv, log=lambda s: print(s, flush=True))
+        if plan.fid_samples:
+            plan.fid_requests = fid_requests(plan, plan.fid_samples)
+            with PreemptionHandler() as preempt:  # only while shards are made: they are what a rerun keeps
+                for sp in plan.fid_requests:
+                    rc = run_request(sp, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
+                                     log=lambda s: print(s, flush=True) if info.is_main or s.startswith("rank") else None)
+                    if rc:
+                        return rc
+        if info.is_main:
+            run(plan, argv, log=lambda s: print(s, flush=True))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if info is None or info.is_main:
+            print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
+    finally:
+        dist.cleanup()
     return 0
 
 

@@ -10,7 +10,8 @@ from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
 EPILOG = """\
 output: RUN_DIR/samples/NAME.h5 (group 'samples': images uint8 (N, H, W, C), labels, the settings as
-  attrs); NAME defaults to step_<step>_<convention>_<scale>_<sampler><steps>_n<num>_seed<seed>.
+  attrs); NAME defaults to step_<step>_<convention>_<scale>_<sampler><steps>[_raw][_clip]_n<num>_seed<seed>
+  (_raw: not the EMA weights; _clip: x0 clipped). jobs.evaluate --fid-samples N makes and reuses the same files.
   --npz writes arr_0/arr_1 (the layout external evaluators read), --png-dir one PNG per sample.
 sample i's noise and label depend only on (seed, i): any number of processes gives the same samples.
 resuming: finished shards are kept; a killed or requeued job redoes only the rest; rerunning a finished

@@ -104,10 +104,13 @@ ddpm_idle_restarts() {
   echo "${count:-0}"
 }
 
-# ddpm_committed_shards DIR: how many shards of sampling requests are committed under DIR (RUN_DIR/samples):
-# the progress of jobs.sample.
+# ddpm_committed_shards DIR: the progress of sampling requests under DIR (RUN_DIR/samples): committed
+# shards, and a finished request (its shards assembled into NAME.h5) counts more than any number of them.
 ddpm_committed_shards() {
-  find "$1" -name 'shard_*.npz' 2>/dev/null | wc -l
+  local shards done
+  shards=$(find "$1" -name 'shard_*.npz' 2>/dev/null | wc -l)
+  done=$(find "$1" -maxdepth 1 -name '*.h5' 2>/dev/null | wc -l)
+  echo $(( shards + 1000000 * done ))
 }
 
 # ddpm_run_step RUN_DIR CMD...: run CMD (srun ...) in the background so that trapped signals reach it,
@@ -146,18 +149,19 @@ ddpm_run_step() {
   return "$rc"
 }
 
-# ddpm_sample RUN_DIR [jobs.sample options]: generate the request's shards under srun (one task per GPU);
-# stopped by the time limit or preemption (exit 75), the job requeues itself and finishes the rest.
+# ddpm_sample JOB RUN_DIR [options]: jobs.sample, or jobs.evaluate (its --fid-samples shards), under srun
+# with one task per GPU; the tasks share the request's shards. Stopped by the time limit or preemption
+# while shards are made (exit 75), the job requeues itself and the rerun makes only the missing ones.
 ddpm_sample() {
-  local run_dir=$1
-  shift
+  local job=$1 run_dir=$2
+  shift 2
   ddpm_trap_signals
   ddpm_rendezvous
-  ddpm_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): sampling $run_dir${*:+ with $*};" \
+  ddpm_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): $job $run_dir${*:+ $*};" \
            "${SLURM_NTASKS:-1} task(s), rendezvous $MASTER_ADDR:$MASTER_PORT; python $(command -v "$PYTHON")"
   # Progress and the count of restarts without it are kept in RUN_DIR/samples, apart from training's.
   _ddpm_progress=ddpm_committed_shards _ddpm_what=sampling
-  ddpm_run_step "$run_dir/samples" srun --kill-on-bad-exit=1 "$PYTHON" -m jobs.sample "$run_dir" "$@"
+  ddpm_run_step "$run_dir/samples" srun --kill-on-bad-exit=1 "$PYTHON" -m "$job" "$run_dir" "$@"
 }
 
 # ddpm_train CONFIG RUN_DIR [key.sub=value ...]: validate, print where and how, then train under srun.

@@ -1,17 +1,24 @@
 #!/bin/bash
-# Post-hoc evaluation of a training run on one GPU (python -m jobs.evaluate): figures and a report.
+# Post-hoc evaluation of a training run (python -m jobs.evaluate): figures, metrics and a report.
 #   mkdir -p logs && sbatch slurm/evaluate.sh runs/mnist-1234
 #   sbatch slurm/evaluate.sh runs/cifar10-1234 --guidance 0,1,3 --sampler ddim --steps 100
+# Paper-scale FID: 50,000 samples per scale, shared by one task per GPU (the scoring and the figures
+# then run on the first task). More GPUs on the command line, e.g. four:
+#   sbatch --ntasks-per-node=4 --gpus-per-node=4 slurm/evaluate.sh runs/cifar10-1234 --guidance 3 \
+#       --convention w --sampler ddim --steps 50 --fid-samples 50000 --inception-weights W.pth
+# Preemption and the time limit while the samples are made: the job requeues itself and the rerun
+# makes only the missing shards (RUN_DIR/samples/); later, the evaluation simply runs again.
 # Chained after training: it starts only once the training job COMPLETED, however often that job was
 # requeued on the way; if training fails it is cancelled (--kill-on-invalid-dep) instead of pending forever.
 #   jid=$(sbatch --parsable slurm/cifar10.sh) && sbatch --dependency=afterok:$jid slurm/evaluate.sh runs/cifar10-$jid
 #SBATCH --job-name=evaluate
 #SBATCH --nodes=1
-#SBATCH --ntasks=1
+#SBATCH --ntasks-per-node=1          # one task per GPU: keep equal to --gpus-per-node
 #SBATCH --gpus-per-node=1            # a typed GPU: --gpus-per-node=a100:1 (see `sinfo -o "%P %G"`)
 #SBATCH --cpus-per-task=8
-#SBATCH --mem=16G
+#SBATCH --mem=16G                    # per node
 #SBATCH --time=02:00:00
+#SBATCH --signal=B:USR2@120          # to the batch shell, which forwards it to the tasks (common.sh)
 #SBATCH --output=logs/%x-%j.out      # the directory must exist: mkdir -p logs
 #SBATCH --kill-on-invalid-dep=yes
 #SBATCH --requeue                    # a preempted evaluation simply runs again
@@ -31,5 +38,4 @@ if [ ! -f "$run_dir/config.json" ]; then
   echo "error: $run_dir is not a run directory (no config.json; relative paths start at $PWD)" >&2
   exit 2
 fi
-ddpm_log "job $SLURM_JOB_ID: evaluating $run_dir${*:+ with $*}; python $(command -v "$PYTHON")"
-srun --kill-on-bad-exit=1 "$PYTHON" -m jobs.evaluate "$run_dir" "$@"
+ddpm_sample jobs.evaluate "$run_dir" "$@"

@@ -33,4 +33,4 @@ if [ ! -f "$run_dir/config.json" ]; then
   echo "error: $run_dir is not a run directory (no config.json; relative paths start at $PWD)" >&2
   exit 2
 fi
-ddpm_sample "$run_dir" "$@"
+ddpm_sample jobs.sample "$run_dir" "$@"

@@ -95,6 +95,33 @@ def untrained_classifier(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights (nothing downloaded), saved as a user's weights file.
+
+    Its batch-norm statistics are calibrated on one batch of random images; with the raw initial ones the
+    features of 40 random layers shrink to ~1e-8 and every distance is ~0."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(torch.randint(0, 256, (16, 3, 28, 28), dtype=torch.uint8))
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Sampling-heavy modules issue many small ops: on 2 shared cores one thread beats two fighting ones."""

@@ -15,7 +15,7 @@ KEYS = (("data", "dataset"), ("data", "hflip"), ("diffusion", "objective"), ("di
         ("diffusion", "T"), ("diffusion", "p_uncond"), ("train", "batch_size"), ("train", "lr"),
         ("train", "optimizer"), ("train", "ema_decay"), ("train", "warmup_steps"), ("train", "precision"))
 METRICS = (("accuracy", "label accuracy"), ("feature_fid", "feature-FID"), ("inception_fid", "Inception FID"),
-           ("inception_score", "Inception score"))
+           ("inception_score", "Inception score"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
 
 
 def _value(v):
@@ -37,13 +37,15 @@ def hparams_of(cfg, metrics: dict) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """{tag: float}: accuracy, feature-FID and Inception FID / IS per guidance scale, where measured."""
-    rows = metrics.get("sections", {}).get("guidance", {}).get("rows", [])
+    """{tag: float}: accuracy, feature-FID and the Inception metrics per guidance scale, where measured:
+    ``eval/KEY/SCALE`` for the guidance sweep's samples, ``eval/KEY_nN/SCALE`` for --fid-samples N."""
     sym = "γ" if metrics["guidance"]["convention"] == "gamma" else "w"
     out = {}
-    for r in rows:
-        scale = f"{sym}={r['scale']:g}" if metrics["guidance"]["conditional"] else "uncond"
-        out.update({f"eval/{key}/{scale}": float(r[key]) for key, _ in METRICS if r.get(key) is not None})
+    for section in ("guidance", "fid"):
+        for r in metrics.get("sections", {}).get(section, {}).get("rows", []):
+            scale = f"{sym}={r['scale']:g}" if metrics["guidance"]["conditional"] else "uncond"
+            n = f"_n{r['n']}" if section == "fid" else ""
+            out.update({f"eval/{key}{n}/{scale}": float(r[key]) for key, _ in METRICS if r.get(key) is not None})
     return out
 
 

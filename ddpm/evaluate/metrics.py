@@ -1,8 +1,9 @@
 """Sample-quality maths: label accuracy, feature statistics, the Fréchet distance, and cached statistics.
 
-Feature-FID (with the classifier of :mod:`ddpm.evaluate.feature_cnn`) and the Inception FID of
-:mod:`ddpm.evaluate.inception` share these functions. Feature-FID is only comparable between evaluations
-that use the same classifier file; it is not the Inception FID of the literature.
+Feature-FID uses the classifier of :mod:`ddpm.evaluate.feature_cnn`; it is only comparable between
+evaluations that use the same classifier file, and it is not the Inception FID of the literature (that
+one is :mod:`ddpm.evaluate.fidelity`, through torch-fidelity; tests/evaluate/test_fidelity.py checks that
+these statistics and this Fréchet distance agree with torch-fidelity's on the same features).
 """
 import hashlib
 from pathlib import Path
@@ -51,21 +52,27 @@ def file_sha256(path) -> str:
 
 
 def cached_stats(cache: Path, key: str, compute) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from ``cache`` if it was written for ``key``, else ``compute()`` and try to cache it.
+    """(mu, sigma) from ``cache`` if it was written for ``key``, else ``compute()`` and try to cache it."""
+    z = cached_arrays(cache, key, lambda: dict(zip(("mu", "sigma"), compute())))
+    return z["mu"], z["sigma"]
 
-    A read-only cache directory only costs the recomputation (a warning is printed)."""
+
+def cached_arrays(cache: Path, key: str, compute) -> dict:
+    """{name: array} from ``cache`` if it was written for ``key``, else ``compute()`` (a dict of arrays)
+    and try to cache it. A damaged or foreign cache is recomputed and replaced; a read-only cache
+    directory only costs the recomputation (a warning is printed)."""
     if cache.is_file():
         try:
             with np.load(cache) as z:
                 if str(z["key"]) == key:
-                    return z["mu"], z["sigma"]
-        except (OSError, ValueError, KeyError):
+                    return {k: z[k] for k in z.files if k != "key"}
+        except (OSError, ValueError, KeyError, EOFError):
             pass  # damaged or foreign: recompute and overwrite
-    mu, sigma = compute()
+    arrays = compute()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
-            np.savez(f, mu=mu, sigma=sigma, key=np.array(key))
+            np.savez(f, key=np.array(key), **arrays)
     except OSError as e:
         print(f"warning: could not cache reference statistics at {cache} ({e.strerror}); recomputing next time")
-    return mu, sigma
+    return arrays

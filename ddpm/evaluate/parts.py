@@ -20,11 +20,12 @@ from ddpm.run.atomic import atomic_write
 from ddpm.run.samples import export_npz
 
 # --only names, in the order the help lists them.
-PARTS = ("grids", "curves", "progression", "gifs", "steps", "interpolation", "denoiser", "metrics")
+PARTS = ("grids", "curves", "progression", "gifs", "steps", "interpolation", "denoiser", "metrics", "fid")
 KINDS = ("generative", "denoiser", "classifier")  # generative: eps/x0/v/flow; the other two make no samples
 # The one table, in running order: (section in metrics.json, function, kinds of run, --only parts asking for it).
 SECTIONS = (
     ("guidance", sampled.guidance_part, ("generative",), ("grids", "metrics")),
+    ("fid", sampled.fid_part, ("generative",), ("fid",)),
     ("curves", measured.curves_part, KINDS, ("curves",)),
     ("progression", sampled.progression_part, ("generative",), ("progression",)),
     ("gifs", sampled.gifs_part, ("generative",), ("gifs",)),

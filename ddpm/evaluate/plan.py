@@ -48,6 +48,7 @@ class Request:
     fast_steps: int = 20
     reference_images: int | None = None
     clip_x0: bool | None = None
+    fid_samples: int | None = None
 
 
 @dataclass
@@ -77,7 +78,9 @@ class Plan:
     classifier: object = None          # (net, meta, path) or None
     classifier_note: str = ""
     reference: object = None           # feature (mu, sigma) of the test set
-    inception: object = None           # ddpm.evaluate.inception.InceptionScorer or None
+    inception: object = None           # ddpm.evaluate.fidelity.InceptionMetrics or None
+    fid_samples: int | None = None     # samples per scale of the fid part (jobs.sample's machinery)
+    fid_requests: list = field(default_factory=list)  # its SamplePlans, one per scale (set by the job)
     export_npz: Path | None = None
     notes: list = field(default_factory=list)  # warnings for the user (printed and in the report)
     clip_x0: bool = False              # clip x0 to [-1, 1] at every ddpm/ddim step
@@ -228,7 +231,16 @@ def make_plan(req: Request) -> Plan:
     cfg = read_run_config(run_dir)
     objective = cfg.diffusion.objective
     kind = {"denoiser": "denoiser", "classifier": "classifier"}.get(objective, "generative")
+    _positive("--fid-samples", req.fid_samples)
+    if req.fid_samples is not None and kind != "generative":
+        raise UserError(f"--fid-samples scores generated samples; a {objective} run has none; drop it")
     parts = parse_only(req.only, kind, objective)
+    if req.fid_samples is None:  # the fid part runs only when asked for with a sample count
+        if "fid" in parts and req.only is not None:
+            raise UserError("--only fid scores --fid-samples N samples per scale; pass --fid-samples, e.g. 50000")
+        parts = tuple(p for p in parts if p != "fid")
+    elif "fid" not in parts:
+        parts += ("fid",)
     for name, value in (("--per-class", req.per_class), ("--metric-samples", req.metric_samples),
                         ("--table-samples", req.table_samples), ("--fast-steps", req.fast_steps)):
         _positive(name, value)
@@ -240,8 +252,8 @@ def make_plan(req: Request) -> Plan:
                 raise UserError(f"{flag} does not apply to a run with diffusion.objective={objective} "
                                 f"(it does not generate samples); drop {flag}")
     if req.inception_weights is not None and not Path(req.inception_weights).is_file():
-        raise UserError(f"Inception weights {req.inception_weights} not found; pass the path of a torchvision "
-                        "inception_v3 state dict (nothing is downloaded)")
+        from ddpm.evaluate.fidelity import GET_WEIGHTS
+        raise UserError(f"Inception weights {req.inception_weights} not found; {GET_WEIGHTS}")
     export = Path(req.export_npz) if req.export_npz else None
     if export is not None:
         if kind != "generative" or not {"grids", "metrics"} & set(parts):
@@ -276,20 +288,24 @@ def make_plan(req: Request) -> Plan:
     plan = Plan(run_dir=run_dir, cfg=cfg, kind=kind, step=step, checkpoint_path=ckpt_path, net=net, ema=use_ema,
                 parts=parts, device=device, seed=cfg.sample.seed if req.seed is None else req.seed,
                 per_class=req.per_class or cfg.sample.per_class, metric_samples=req.metric_samples,
-                table_samples=req.table_samples, export_npz=export, notes=notes,
+                table_samples=req.table_samples, export_npz=export, notes=notes, fid_samples=req.fid_samples,
                 clip_x0=cfg.sample.clip_x0 if req.clip_x0 is None else req.clip_x0)
     if kind == "generative":
         plan.conditional = bool(getattr(net, "num_classes", 0))
         _resolve_guidance(req, plan)
         _resolve_sampler(req, plan)
-        if {"metrics", "steps"} & set(parts):
+        if {"metrics", "steps", "fid"} & set(parts):
             _resolve_classifier(req, plan)
         if req.inception_weights is not None:
             from ddpm.data.datasets import load_dataset
-            from ddpm.evaluate.inception import InceptionScorer
-            load_dataset(cfg.data.dataset, cfg.data.root, train=False)  # the Inception reference needs the test set
-            plan.inception = InceptionScorer(req.inception_weights, device, cfg.data.dataset, cfg.data.root,
-                                             req.reference_images)
+            from ddpm.evaluate.fidelity import InceptionMetrics
+            load_dataset(cfg.data.dataset, cfg.data.root, train=True)  # the Inception reference: the training set
+            plan.inception = InceptionMetrics(req.inception_weights, device, cfg.data.dataset, cfg.data.root,
+                                              req.reference_images)
+        if "fid" in parts and plan.classifier is None and plan.inception is None:
+            raise UserError(f"--fid-samples {req.fid_samples} would make samples that nothing scores: pass "
+                            "--inception-weights PATH (FID, IS, KID, precision/recall), or --classifier PATH or "
+                            f"train one (python -m jobs.train_classifier --dataset {cfg.data.dataset})")
     elif req.inception_weights is not None:
         raise UserError(f"--inception-weights scores generated samples; a {objective} run has none; drop it")
     else:

@@ -20,6 +20,21 @@ def _images(section: dict) -> list[str]:
     return [f"![{f['file']}]({f['file']})" for f in section.get("figures", [])] + [""]
 
 
+INCEPTION = (("inception_fid", "Inception FID", ".3f"), ("inception_score", "Inception score", ".3f"),
+             ("kid", "KID", ".4g"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"))
+
+
+def _score_table(rows: list[dict], sym: str, extra: list, conditional: bool, tail, tail_header) -> list[str]:
+    """The per-scale table of a sample section: scale, count, classifier scores, Inception scores (only
+    the columns that were measured), then the section's own columns."""
+    inception = [(k, h, spec) for k, h, spec in INCEPTION if any(r.get(k) is not None for r in rows)]
+    return _table([sym] + extra + ["samples", "label accuracy", "feature-FID"] + [h for _, h, _ in inception]
+                  + tail_header,
+                  [[f"{r['scale']:g}" if conditional else "none"] + ([f"{r['gamma']:g}"] if extra else [])
+                   + [r["n"], r["accuracy"], r["feature_fid"]] + ["n/a" if r.get(k) is None else format(r[k], spec) for k, _, spec in inception]
+                   + tail(r) for r in rows])
+
+
 def render(m: dict) -> str:
     """Markdown for a metrics dict as written by :func:`ddpm.evaluate.parts.run`."""
     ck, s, g = m["checkpoint"], m["sampler"], m["guidance"]
@@ -43,7 +58,10 @@ def render(m: dict) -> str:
     if clf and clf.get("subset_note"):
         info.append(["classifier data", f"**subset**: {clf['subset_note']}"])
     if m["inception"]:
-        info.append(["Inception weights", f"`{m['inception']['path']}` (sha256 {m['inception']['sha256'][:12]}…)"])
+        inc = m["inception"]
+        info.append(["Inception weights", f"`{inc['path']}` (sha256 {inc['sha256'][:12]}…), torch-fidelity "
+                     f"{inc.get('torch_fidelity')}, reference: the training split"
+                     + (f" (first {inc['reference_images']} images)" if inc.get("reference_images") else "")])
     info.append(["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())])
     lines += _table(["", ""], info)
     lines += [f"> **Note:** {n}" for n in m.get("notes", [])] + ([""] if m.get("notes") else [])
@@ -57,14 +75,19 @@ def render(m: dict) -> str:
                   "class. Feature-FID: Fréchet distance of the classifier's penultimate features to the test set "
                   "(only comparable between evaluations with the same classifier and sample count).", ""]
         extra = ["γ = 1 + w"] if sym == "w" else []
-        inception = any(r["inception_fid"] is not None for r in x["rows"])
-        lines += _table([sym] + extra + ["samples", "label accuracy", "feature-FID"]
-                        + ["Inception FID", "Inception score"] * inception + ["seconds", "archive group"],
-                        [[f"{r['scale']:g}" if g["conditional"] else "none"] + ([f"{r['gamma']:g}"] if extra else [])
-                         + [r["n"], r["accuracy"], r["feature_fid"]]
-                         + [r["inception_fid"], r["inception_score"]] * inception
-                         + [r["wall_s"], f"`{r['group']}`"] for r in x["rows"]])
+        lines += _score_table(x["rows"], sym, extra, g["conditional"],
+                              lambda r: [r["wall_s"], f"`{r['group']}`"], ["seconds", "archive group"])
         lines += _images(x)
+    if "fid" in sec:
+        x = sec["fid"]
+        sym = "γ" if g["convention"] == "gamma" else "w"
+        lines += ["## Paper-scale metrics (--fid-samples)", "",
+                  f"{x['n']} samples per scale, {x['sampler']} with {x['steps']} steps, made by jobs.sample's "
+                  "sharded requests. Inception metrics via torch-fidelity against the training split: FID and KID "
+                  "(lower is better), Inception score, precision and recall (higher is better); comparable with "
+                  "papers that use the same Inception weights and sample count.", ""]
+        lines += _score_table(x["rows"], sym, ["γ = 1 + w"] if sym == "w" else [], g["conditional"],
+                              lambda r: [r["score_s"], f"`{r['file']}`"], ["scoring seconds", "samples file"])
     if "curves" in sec:
         x = sec["curves"]
         lines += ["## Training curves", "", f"{x['logged_steps']} logged steps ({x['first_step']}–{x['last_step']}), "

@@ -100,26 +100,40 @@ def plan_request(req: SampleRequest) -> SamplePlan:
         raise UserError(f"--guidance takes one scale, got {req.guidance}")
     else:
         scale = plan.scales[0]
+    sp = sample_plan(plan, scale, req.num, req.batch, req.out)
+    if npz is not None and npz.exists():
+        raise UserError(f"--npz {npz} already exists; pass a new file name")
+    sp.npz = npz
+    sp.png_dir = _writable_dir(Path(req.png_dir), "--png-dir") if req.png_dir else None
+    return sp
+
+
+def fid_requests(plan, num: int) -> list[SamplePlan]:
+    """jobs.evaluate --fid-samples: one request of ``num`` samples per guidance scale of ``plan``, with the
+    plan's sampler, seed and weights and jobs.sample's default names (either job reuses the other's files)."""
+    return [sample_plan(plan, scale, num) for scale in plan.scales]
+
+
+def sample_plan(plan, scale: float, num: int, batch: int = 250, out: str | None = None) -> SamplePlan:
+    """The request for ``num`` samples of an evaluation plan's net at ``scale``; UserError if
+    RUN_DIR/samples already holds a request of that name with other settings."""
     cfg = plan.cfg
     settings = dict(run=cfg.name, config_hash=cfg.hash(), dataset=cfg.data.dataset, step=plan.step,
                     ema=plan.ema, conditional=plan.conditional, guidance=scale if plan.conditional else None,
                     convention=plan.convention if plan.conditional else None, sampler=plan.sampler,
-                    steps=plan.steps, clip_x0=plan.clip_x0, seed=plan.seed, num=req.num, batch=req.batch,
+                    steps=plan.steps, clip_x0=plan.clip_x0, seed=plan.seed, num=num, batch=batch,
                     labels="i mod classes" if plan.conditional else "none")
     guide = f"_{plan.convention}_{scale:g}" if plan.conditional else ""
-    name = req.out or (f"step_{plan.step:09d}{guide}_{plan.sampler}{plan.steps}"
-                       f"{'' if plan.ema else '_raw'}_n{req.num}_seed{plan.seed}")
-    out = plan.run_dir / "samples" / f"{name}.h5"
-    old = finished_settings(out)
+    name = out or (f"step_{plan.step:09d}{guide}_{plan.sampler}{plan.steps}"
+                   f"{'' if plan.ema else '_raw'}{'_clip' if plan.clip_x0 else ''}_n{num}_seed{plan.seed}")
+    path = plan.run_dir / "samples" / f"{name}.h5"
+    old = finished_settings(path)
     if old is not None and differences(old, settings):
-        raise UserError(f"{out} holds samples made with other settings (differs in "
+        raise UserError(f"{path} holds samples made with other settings (differs in "
                         f"{', '.join(differences(old, settings))}); pass another --out NAME, or move it away")
-    store = ShardStore(plan.run_dir / "samples" / f"{name}.shards", req.num, req.batch)
+    store = ShardStore(plan.run_dir / "samples" / f"{name}.shards", num, batch)
     store.check(settings, "pass another --out NAME, or the same settings to finish it")
-    if npz is not None and npz.exists():
-        raise UserError(f"--npz {npz} already exists; pass a new file name")
-    png_dir = _writable_dir(Path(req.png_dir), "--png-dir") if req.png_dir else None
-    return SamplePlan(plan, settings, out, store, old is not None, png_dir, npz)
+    return SamplePlan(plan, settings, path, store, old is not None, None, None)
 
 
 def _x_T(plan, indices: range) -> torch.Tensor:

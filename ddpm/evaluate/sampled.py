@@ -18,7 +18,8 @@ from ddpm.diffusion.samplers import ddim_timesteps, slerp, to_gamma
 from ddpm.evaluate import feature_cnn, figures, metrics
 from ddpm.run.checkpoints import CheckpointManager
 from ddpm.run.grids import grid_figure
-from ddpm.run.samples import write_samples
+from ddpm.run.samples import read_samples, write_samples
+from ddpm.run.shards import GROUP
 
 CHUNK = 1000                  # images per sampler call (bounded memory); chunk i uses seed + 7919 i
 MAX_PROGRESSION = 8           # checkpoints shown in the progression figure
@@ -72,9 +73,15 @@ def _sampler_line(plan, sampler, steps, scale=None) -> str:
     return f"sampler {sampler}, {steps} steps{clip} · {guide}"
 
 
+INCEPTION_KEYS = ("inception_fid", "inception_score", "kid", "precision", "recall")
+HEADLINE = (("inception_fid", "FID"), ("inception_score", "IS"), ("kid", "KID"), ("precision", "precision"),
+            ("recall", "recall"), ("accuracy", "accuracy"), ("feature_fid", "feature-FID"))
+
+
 def _scores(plan, u8: np.ndarray, labels) -> dict:
-    """Label accuracy and feature-FID (classifier), Inception FID and IS (if weights were given)."""
-    out = {"accuracy": None, "feature_fid": None, "inception_fid": None, "inception_score": None}
+    """Label accuracy and feature-FID (classifier); Inception FID, IS, KID, precision and recall (if
+    Inception weights were given)."""
+    out = {"accuracy": None, "feature_fid": None, **dict.fromkeys(INCEPTION_KEYS)}
     images = _nchw(u8)
     if plan.classifier is not None:
         logits, feats = feature_cnn.classify(plan.classifier[0], images, plan.device)
@@ -82,7 +89,7 @@ def _scores(plan, u8: np.ndarray, labels) -> dict:
             out["accuracy"] = metrics.accuracy(logits, labels)
         out["feature_fid"] = metrics.frechet_distance(*metrics.feature_stats(feats.numpy()), *plan.reference)
     if plan.inception is not None:
-        out["inception_fid"], out["inception_score"] = plan.inception.score(images)
+        out.update(plan.inception.score(images))
     return out
 
 
@@ -144,6 +151,24 @@ def guidance_part(plan, out, log) -> dict:
             xlabel=f"guidance scale {sym}", ylabel="requested class"))
     return {"sampler": plan.sampler, "steps": plan.steps, "per_class": k, "rows": rows, "figures": figs,
             "archive_groups": groups}
+
+
+def fid_part(plan, out, log) -> dict:
+    """Scores the --fid-samples N samples per scale that jobs.sample's machinery made (the job runs the
+    requests on every rank first; here they are read back from RUN_DIR/samples/NAME.h5)."""
+    rows = []
+    for scale, sp in zip(plan.scales, plan.fid_requests):
+        t0 = time.perf_counter()
+        u8, stored, _ = read_samples(sp.out, GROUP)
+        labels = torch.from_numpy(stored) if plan.conditional else None
+        row = {"scale": scale, "gamma": to_gamma(scale, plan.convention) if plan.conditional else None,
+               "n": len(u8), "file": str(sp.out), **_scores(plan, u8, labels)}
+        row["score_s"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        what = f"{_symbol(plan)}={scale:g}" if plan.conditional else "unconditional"
+        log(f"  {what}: {len(u8)} samples scored in {row['score_s']:.1f} s · " + " · ".join(
+            f"{label} {_fmt(row[key])}" for key, label in HEADLINE if row[key] is not None))
+    return {"n": plan.fid_samples, "sampler": plan.sampler, "steps": plan.steps, "rows": rows, "figures": []}
 
 
 def progression_part(plan, out, log) -> dict:

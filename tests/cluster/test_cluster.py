@@ -143,6 +143,13 @@ def test_manifest_roundtrip_and_status_table(tmp_path):
     rows = sweep.status_rows(sweep.read_manifest(path))
     assert rows[0]["eval"] == "step 3: acc 0.950 fFID 2.5 (γ=5)" and rows[1]["eval"] is None
     assert "step 3: acc 0.950 fFID 2.5 (γ=5)  train.lr=1e-3" in sweep.format_status(rows)
+    # --fid-samples rows win: they are the paper-scale numbers
+    m = json.loads((run / "eval" / "step_000000003" / "metrics.json").read_text())
+    m["sections"]["fid"] = {"rows": [{"scale": 5.0, "n": 50000, "accuracy": 0.9, "inception_fid": 3.171,
+                                      "inception_score": 9.46}]}
+    (run / "eval" / "step_000000003" / "metrics.json").write_text(json.dumps(m))
+    rows = sweep.status_rows(sweep.read_manifest(path))
+    assert rows[0]["eval"] == "step 3: acc 0.900 FID 3.17 IS 9.46 (γ=5, 50000 samples)", rows[0]["eval"]
     with pytest.raises(UserError, match="not found"):
         sweep.read_manifest(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{")

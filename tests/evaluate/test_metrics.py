@@ -1,5 +1,6 @@
-"""ddpm.evaluate.feature_cnn / metrics / inception / jobs.train_classifier: Fréchet distance against closed forms, Inception
-Score limits, reproducible classifier training, caching, bad inputs, and the >= 99 % MNIST floor (slow)."""
+"""ddpm.evaluate.feature_cnn / metrics / jobs.train_classifier: Fréchet distance against closed forms,
+reproducible classifier training, caching, bad inputs, and the >= 99 % MNIST floor (slow). The Inception
+metrics (torch-fidelity) are in test_fidelity.py."""
 import subprocess
 import sys
 
@@ -10,7 +11,6 @@ import torch
 from ddpm.data.datasets import load_dataset
 from ddpm.errors import UserError
 from ddpm.evaluate import feature_cnn, metrics
-from ddpm.evaluate.inception import InceptionScorer, inception_score
 
 from conftest import ROOT, python_env
 
@@ -33,13 +33,6 @@ def test_frechet_distance_closed_forms():
     # a singular covariance (fewer samples than dimensions) still gives a finite, non-negative distance
     feats = rng.normal(size=(3, d))
     assert 0 <= metrics.frechet_distance(*metrics.feature_stats(feats), np.zeros(d), np.eye(d)) < np.inf
-
-
-def test_inception_score_limits():
-    assert inception_score(np.zeros((50, 1000))) == pytest.approx(1.0)
-    peaked = np.full((40, 1000), -50.0)
-    peaked[np.arange(40), np.arange(40) % 8] = 50.0  # confident, 8 classes equally often
-    assert inception_score(peaked, splits=1) == pytest.approx(8.0, rel=1e-6)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,41 +143,3 @@ def test_classifier_reaches_99_percent_on_mnist(tmp_path, mnist_root):
     _, meta = feature_cnn.load_classifier(out, "mnist")
     assert meta["test_accuracy"] >= 0.99, meta
     assert meta["steps"] == round(feature_cnn.RECIPES["mnist"]["epochs"] * (60000 // 128))
-
-
-def test_inception_weights_that_do_not_fit(tmp_path, mnist_root):
-    bad = tmp_path / "bad.pt"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
-    with pytest.raises(UserError, match="not a torchvision inception_v3 state dict"):
-        InceptionScorer(bad, "cpu", "mnist", mnist_root)
-    junk = tmp_path / "junk.pt"
-    junk.write_text("hello")
-    with pytest.raises(UserError, match="cannot read Inception weights"):
-        InceptionScorer(junk, "cpu", "mnist", mnist_root)
-
-
-@pytest.fixture(scope="session")
-def random_inception_weights(tmp_path_factory):
-    """A randomly initialised torchvision inception_v3 state dict (no download), as a user would pass it."""
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "inception_v3.pt"
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.mark.slow
-def test_inception_fid_and_is(random_inception_weights, mnist_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(feature_cnn, "default_classifier_path", lambda d, r: tmp_path / "classifiers" / f"{d}_cnn.pt")
-    monkeypatch.setattr("ddpm.evaluate.inception.default_classifier_path", feature_cnn.default_classifier_path)
-    scorer = InceptionScorer(random_inception_weights, "cpu", "mnist", mnist_root, reference_images=8)
-    images, _ = load_dataset("mnist", mnist_root, train=False)
-    feats, logits = scorer.features_and_logits(images[:4])
-    assert feats.shape == (4, 2048) and logits.shape == (4, 1000)
-    fid_same, is_same = scorer.score(images[:8])  # the reference images themselves
-    assert fid_same == pytest.approx(0, abs=1e-3) and is_same >= 1.0
-    assert list((tmp_path / "classifiers").glob("mnist_inception_*_test8.npz"))
-    fid_other, _ = scorer.score(images[100:108])
-    assert fid_other > fid_same

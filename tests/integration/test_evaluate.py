@@ -133,7 +133,7 @@ def test_metrics_json_has_every_field(evaluated, run, untrained_classifier):
     assert set(m["sections"]) == {"guidance", "curves", "progression", "gifs", "steps", "interpolation"}
     for row in m["sections"]["guidance"]["rows"]:
         assert set(row) == {"scale", "gamma", "n", "group", "wall_s", "accuracy", "feature_fid", "inception_fid",
-                            "inception_score"}
+                            "inception_score", "kid", "precision", "recall"}
         assert row["n"] == 20 and 0 <= row["accuracy"] <= 1 and row["feature_fid"] > 0
         assert row["inception_fid"] is None  # no --inception-weights
     table = m["sections"]["steps"]["rows"]
@@ -319,7 +319,10 @@ def test_bad_inputs_write_nothing(tmp_path, run, evaluated, config_path, capsys)
             (["--sampler", "ddpm", "--steps", "20"], "ddpm sampler always runs all T=50 steps"),
             (["--inception-weights", str(tmp_path / "inception.pt")], "Inception weights"),
             (["--classifier", str(tmp_path / "clf.pt")], "not found"),
-            (["--only", "grids,fid"], "unknown --only part 'fid'"),
+            (["--only", "grids,fidd"], "unknown --only part 'fidd'"),
+            (["--only", "grids,fid"], "--only fid scores --fid-samples N samples"),
+            (["--fid-samples", "0"], "--fid-samples must be >= 1"),
+            (["--fid-samples", "10", "--classifier", str(tmp_path / "clf.pt")], "not found"),
             (["--only", "denoiser"], "does not apply to a run with diffusion.objective=eps"),
             (["--checkpoint", "7"], "no checkpoint for step 7"),
             (["--convention", "beta"], "unknown --convention 'beta'"),
@@ -341,21 +344,54 @@ def test_cli_subprocess_error_and_help(tmp_path, capsys):
     assert "--inception-weights" in out and "examples:" in out and "python -m jobs.evaluate RUN" in out
 
 
-def test_inception_metrics_end_to_end(run, evaluated, tmp_path):
-    """--inception-weights with a randomly initialised torchvision inception_v3 (nothing downloaded); few
+def test_inception_metrics_end_to_end(run, evaluated, random_inception_weights):
+    """--inception-weights with a randomly initialised torch-fidelity InceptionV3 (nothing downloaded); few
     images, so it takes seconds even on a CPU."""
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    weights = tmp_path / "inception_v3.pt"
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
     assert evaluate([str(run), "--only", "metrics", "--guidance", "1", "--metric-samples", "10",
-                     "--inception-weights", str(weights), "--reference-images", "10"]) == 0
+                     "--inception-weights", str(random_inception_weights), "--reference-images", "10"]) == 0
     m = json.loads((run / "eval" / "step_000000020" / "metrics.json").read_text())
-    assert m["inception"]["path"] == str(weights) and m["inception"]["reference_images"] == 10
+    assert m["inception"]["path"] == str(random_inception_weights) and m["inception"]["reference_images"] == 10
+    assert m["inception"]["reference"] == "train" and m["inception"]["torch_fidelity"]
     row = m["sections"]["guidance"]["rows"][0]
     assert row["inception_fid"] > 0 and row["inception_score"] >= 1.0
-    assert "Inception FID" in (run / "eval" / "step_000000020" / "report.md").read_text()
+    assert row["kid"] is not None and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    report = (run / "eval" / "step_000000020" / "report.md").read_text()
+    assert "Inception FID" in report and "| KID |" in report and "reference: the training split" in report
+
+
+def test_fid_samples_uses_jobs_sample_machinery(run, evaluated, untrained_classifier, capsys):
+    """--fid-samples N: N samples per scale as jobs.sample makes them (same file, same bytes: a later
+    jobs.sample of the same request has nothing to do), scored, in metrics.json, the report and HParams."""
+    from ddpm.evaluate.hparams import headline
+    from ddpm.run.samples import read_samples
+    from jobs.sample import main as sample
+
+    args = [str(run), "--only", "fid", "--fid-samples", "30", "--guidance", "1,3", "--classifier",
+            str(untrained_classifier), *FAST]
+    assert evaluate(args) == 0
+    out = capsys.readouterr().out
+    m = json.loads((run / "eval" / "step_000000020" / "metrics.json").read_text())
+    rows = m["sections"]["fid"]["rows"]
+    assert [(r["scale"], r["n"]) for r in rows] == [(1.0, 30), (3.0, 30)] and m["sections"]["fid"]["n"] == 30
+    assert all(0 <= r["accuracy"] <= 1 and r["feature_fid"] > 0 and r["inception_fid"] is None for r in rows)
+    files = sorted((run / "samples").glob("*_n30_*.h5"))
+    assert [str(f) for f in files] == [r["file"] for r in rows], files
+    assert "scored in" in out and "feature-FID" in out
+    images, labels, attrs = read_samples(files[1], "samples")
+    assert images.shape == (30, 28, 28, 1) and list(labels[:12]) == [*range(10), 0, 1] and attrs["guidance"] == 3.0
+    assert sample([str(run), "--num", "30", "--guidance", "3", "--device", "cpu"]) == 0
+    assert "already complete" in capsys.readouterr().out  # the same request, the same file
+    assert {"eval/accuracy_n30/γ=1", "eval/feature_fid_n30/γ=3"} <= set(headline(m))
+    assert "## Paper-scale metrics (--fid-samples)" in (run / "eval" / "step_000000020" / "report.md").read_text()
+    # a rerun of the finished evaluation makes no sample again
+    assert evaluate(args) == 0 and capsys.readouterr().out.count("already complete") == 2
+    np.testing.assert_array_equal(read_samples(files[1], "samples")[0], images)
+
+
+def test_fid_samples_needs_something_to_score(tmp_path, config_path, capsys):
+    fake = _fake_run(tmp_path, config_path, "noclf", [f"data.root={tmp_path / 'root'}"])  # no classifier there
+    _fails(capsys, [str(fake), "--fid-samples", "10", "--device", "cpu"], "would make samples that nothing scores",
+           fake)
 
 
 def _hparams_api(port, route, body):
@@ -408,3 +444,44 @@ def test_headline_metrics_and_hparams_reach_tensorboard(evaluated, run):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.slurm
+def test_evaluate_template_with_two_tasks_shares_the_fid_samples_and_survives_preemption(
+        slurm, run, evaluated, untrained_classifier, tmp_path):
+    """`sbatch --ntasks-per-node=2 slurm/evaluate.sh RUN --fid-samples N`: both tasks make the shards, the
+    time-limit warning (USR2) after the first one stops them (exit 75), the job requeues itself, the rerun
+    makes only the missing shards, rank 0 scores and writes the report, and the samples equal one
+    process's (jobs.sample of the same request) bit for bit."""
+    import os
+    import shutil
+    import time
+
+    from test_slurm import job_env, log_text, sbatch, wait_job
+
+    from ddpm.run.samples import read_samples
+
+    args = ["--only", "fid", "--fid-samples", "2000", "--guidance", "3", "--classifier", untrained_classifier, *FAST]
+    jid = sbatch(tmp_path, "evaluate.sh", "--ntasks-per-node=2", "--gpus-per-node=2", "--mem=4G", run, *args,
+                 env=job_env())
+    log = tmp_path / "logs" / f"evaluate-{jid}.out"
+    deadline = time.time() + 120
+    while not list((run / "samples").glob("*_n2000_*.shards/shard_*.npz")) and time.time() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", jid], check=True, timeout=30)
+    assert wait_job(jid, log, timeout=300) == [(jid, "COMPLETED", "0:0")], log_text(log)
+    text = log.read_text()
+    assert "2 rank(s)" in text and "stop requested" in text and "requeueing job" in text, text
+    assert "shards already committed" in text.split("requeueing job")[1] and "scored in" in text, text
+    m = json.loads((run / "eval" / "step_000000020" / "metrics.json").read_text())
+    row = m["sections"]["fid"]["rows"][0]
+    assert row["n"] == 2000 and row["feature_fid"] > 0, row
+    made = read_samples(row["file"], "samples")
+    moved = tmp_path / "srun.h5"
+    shutil.move(row["file"], moved)
+    r = subprocess.run([sys.executable, "-m", "jobs.sample", str(run), "--num", "2000", "--guidance", "3",
+                        "--device", "cpu"], cwd=ROOT, env={**python_env(), "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and os.path.isfile(row["file"]), r.stdout + r.stderr
+    ref = read_samples(row["file"], "samples")
+    assert np.array_equal(made[0], ref[0]) and np.array_equal(made[1], ref[1])

@@ -1,0 +1,161 @@
+"""Literature-comparable Inception metrics through torch-fidelity: FID, Inception Score, KID, precision/recall.
+
+The net is torch-fidelity's ``FeatureExtractorInceptionV3``: the TF-Inception graph that the FID of the
+papers uses (DDPM's 3.17 on CIFAR-10), with the TensorFlow-compatible resize to 299×299. Its weights come
+from a file the user supplies (``--inception-weights PATH``); nothing is downloaded at run time. The
+standard file is torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (see ``WEIGHTS_URL``;
+fetch it once on a machine with internet). The file is read once: its bytes are checked with
+``torch.load(weights_only=True)`` and only those checked bytes reach torch-fidelity (which itself loads
+with ``weights_only=False``), so a pickle that runs code is refused and never unpickled.
+
+FID, KID and precision/recall use the 2048-d pool features, the Inception Score the 1008-way
+``logits_unbiased``. IS, KID and precision/recall are torch-fidelity's own functions with its defaults
+(IS: 10 splits; KID: 100 subsets of up to 1,000, cubic polynomial kernel; precision/recall: 3-NN balls,
+as many reference images as samples). FID is the Fréchet distance of :mod:`ddpm.evaluate.metrics` on
+those features: it agrees with torch-fidelity's to 1e-6 on full-rank covariances (50,000 samples;
+tests/evaluate/test_fidelity.py) and stays >= 0 on rank-deficient ones (a few hundred samples in 2048
+dimensions), where torch-fidelity's general eigenvalues give e.g. -0.02 for a set against itself. The reference is the *training* split, as in the papers; its features are computed once
+and cached next to the data, ``DATA_ROOT/fidelity/DATASET_train<N>_inception-<sha256[:12]>.npz``.
+Grayscale MNIST is repeated to 3 channels.
+"""
+import io
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm.errors import UserError
+from ddpm.evaluate.metrics import cached_arrays, feature_stats, frechet_distance
+
+WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
+POOL, LOGITS = "2048", "logits_unbiased"
+BATCH = 64
+KID_SUBSET = 1000
+SEED = 2020  # torch-fidelity's rng_seed default: IS shuffling, KID subsets, the precision/recall reference
+
+GET_WEIGHTS = f"pass torch-fidelity's {WEIGHTS_NAME} (wget {WEIGHTS_URL} on a machine with internet)"
+
+
+def read_weights(path) -> tuple[bytes, str]:
+    """(the file's bytes, their sha256) after checking they are a state dict torch loads safely."""
+    import hashlib
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read Inception weights {path} ({e.strerror or e}); {GET_WEIGHTS}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # foreign pickles, truncated files, ...: all mean "not a plain state dict"
+        raise UserError(f"Inception weights {path} are not a plain tensor state dict ({type(e).__name__}); "
+                        f"{GET_WEIGHTS}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"Inception weights {path} hold a {type(state).__name__}, not a state dict; {GET_WEIGHTS}")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def ieee_fp32_convolutions():
+    """cuDNN convolutions in full float32 (PyTorch runs them in TF32 on Ampere and later by default):
+    the Inception features of the papers were computed without TF32."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        old, conv.fp32_precision = conv.fp32_precision, "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+
+
+class InceptionMetrics:
+    """Loads the weights on construction (UserError if they do not fit); the reference features of the
+    training split are computed on first use and cached (``reference_images``: only the first N)."""
+
+    def __init__(self, path, device, dataset: str, root, reference_images: int | None = None):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.path, self.device, self.dataset, self.root = Path(path), torch.device(device), dataset, root
+        self.reference_images = reference_images
+        data, self.sha256 = read_weights(path)
+        try:
+            net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS],
+                                              feature_extractor_weights_path=io.BytesIO(data))
+        except (RuntimeError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0][:120]
+            raise UserError(f"{path} is not torch-fidelity's InceptionV3 state dict ({first}); {GET_WEIGHTS}") from None
+        self.net = net.to(self.device)
+        self._reference = None
+
+    def describe(self) -> dict:
+        import torch_fidelity
+
+        return {"path": str(self.path), "sha256": self.sha256, "reference": "train",
+                "reference_images": self.reference_images, "torch_fidelity": torch_fidelity.__version__}
+
+    @torch.no_grad()
+    def features(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, C, H, W) → (pool features (N, 2048), unbiased logits (N, 1008)), float32 on the CPU."""
+        pool, logits = [], []
+        with ieee_fp32_convolutions():
+            for i in range(0, len(images_u8), BATCH):
+                x = images_u8[i:i + BATCH].to(self.device)
+                if x.shape[1] == 1:
+                    x = x.repeat(1, 3, 1, 1)
+                f, lg = self.net(x)
+                pool.append(f.cpu())
+                logits.append(lg.cpu())
+        return torch.cat(pool), torch.cat(logits)
+
+    def cache_path(self) -> Path:
+        n = self.reference_images or "all"
+        return Path(self.root) / "fidelity" / f"{self.dataset}_train{n}_inception-{self.sha256[:12]}.npz"
+
+    def reference(self) -> dict:
+        """{"features": (N, 2048) float32, "mu", "sigma"} of the training split (computed once, then cached)."""
+        if self._reference is None:
+            import torch_fidelity
+
+            from ddpm.data.datasets import load_dataset
+
+            def compute():
+                images, _ = load_dataset(self.dataset, self.root, train=True)
+                feats = self.features(images[:self.reference_images])[0].numpy()
+                return dict(zip(("features", "mu", "sigma"), (feats, *feature_stats(feats))))
+
+            key = (f"{self.dataset}-train{self.reference_images or 'all'}-{self.sha256}"
+                   f"-torch-fidelity-{torch_fidelity.__version__}")
+            self._reference = cached_arrays(self.cache_path(), key, compute)
+        return self._reference
+
+    def score(self, images_u8: torch.Tensor) -> dict:
+        """Inception FID, IS (mean), KID (mean) and precision/recall of uint8 (N, C, H, W) samples against
+        the training split; a metric the sample count cannot support (KID, P/R below 4 images) is None."""
+        from torch_fidelity.metric_isc import isc_features_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
+        feats, logits = self.features(images_u8)
+        ref = self.reference()
+        real = torch.from_numpy(np.asarray(ref["features"]))
+        n, out = len(feats), {"inception_fid": None, "inception_score": None, "kid": None, "precision": None,
+                              "recall": None}
+        out["inception_fid"] = frechet_distance(*feature_stats(feats.numpy()), ref["mu"], ref["sigma"])
+        out["inception_score"] = isc_features_to_metric(logits, splits=10 if n >= 100 else 1,
+                                                        rng_seed=SEED)["inception_score_mean"]
+        m = min(KID_SUBSET, n, len(real))
+        if m >= 2:
+            out["kid"] = kid_features_to_metric(feats, real, kid_subset_size=m, rng_seed=SEED,
+                                                verbose=False)["kernel_inception_distance_mean"]
+        if min(n, len(real)) >= 4:  # 3 neighbours besides the point itself
+            pick = np.random.RandomState(SEED).permutation(len(real))[:n]
+            prc = prc_features_to_metric(feats, real[np.sort(pick)], save_cpu_ram=True, verbose=False)
+            out["precision"], out["recall"] = prc["precision"], prc["recall"]
+        return out
