@@ -10,6 +10,7 @@
 #   eval_1epoch      python -m jobs.evaluate on it: label accuracy and feature-FID at gamma 1 and 5
 #   train_throughput python -m bench.train_throughput (reduced repeats)
 #   sampling         python -m bench.sampling (reduced repeats)
+#   sample_job       python -m bench.sample_job: jobs.sample's samples/s, 1 process vs all GPUs (torchrun)
 #   end_to_end       python -m bench.mnist_end_to_end (the 20-epoch row), only if the time left allows
 # A step runs only if its estimated time fits in what is left of the budget, and under `timeout` for
 # the rest of it, so the script ends within --budget-s (default 480 s) whatever hangs; OUT_DIR/summary.md
@@ -96,7 +97,7 @@ env_report() {  # not under timeout (a shell function): pip from local wheels, n
 import platform, torch
 print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
       f"cuda available {torch.cuda.is_available()}" + (f" | {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-for name in ("submitit", "h5py", "tensorboard", "yaml", "matplotlib", "tqdm", "torchvision"):
+for name in ("submitit", "h5py", "tensorboard", "yaml", "matplotlib", "tqdm", "torchvision", "torch_fidelity"):
     try:
         module = __import__(name)
         print(f"{name} {getattr(module, '__version__', '?')}")
@@ -113,7 +114,7 @@ else record env "FAILED" $(( $(date +%s) - t0 )) "$(tail -n 1 "$out/env.log" | c
 step data 30 "$PYTHON" -m jobs.prepare_data --dataset mnist --root "$data" --offline
 # Only the CUDA tests: the CI guard that wants SLURM tests to pass does not apply to this selection.
 step cuda_tests 120 env -u DDPM_REQUIRE_SLURM "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda" \
-  tests/diffusion/test_compiled.py tests/data/test_datasets.py
+  tests/diffusion/test_compiled.py tests/data/test_datasets.py tests/evaluate/test_fidelity.py
 
 run="$out/runs/mnist-1epoch"
 length="train.epochs=1"
@@ -132,6 +133,7 @@ step eval_1epoch 60 "$PYTHON" -m jobs.evaluate "$run" --only metrics --guidance 
 repeats=(--repeats 2)
 step train_throughput 180 "$PYTHON" -m bench.train_throughput --device "$device" $quick "${repeats[@]}" --data-root "$data"
 step sampling 150 "$PYTHON" -m bench.sampling --device "$device" $quick "${repeats[@]}"
+step sample_job 120 "$PYTHON" -m bench.sample_job --device "$device" $quick --data-root "$data"
 step end_to_end 150 "$PYTHON" -m bench.mnist_end_to_end --device "$device" $quick --data-root "$data" \
   --classifier "$classifier" --keep "$out/end_to_end"
 
@@ -143,7 +145,7 @@ step end_to_end 150 "$PYTHON" -m bench.mnist_end_to_end --device "$device" $quic
   echo "| step | result | time | log / last line |"
   echo "|---|---|---|---|"
   cat "$out/steps.tmp"
-  for t in train_throughput sampling end_to_end; do
+  for t in train_throughput sampling sample_job end_to_end; do
     if [ -f "$out/$t.md" ]; then echo; echo "## $t"; echo; cat "$out/$t.md"; fi
   done
   if [ -f "$out/eval_1epoch.log" ]; then echo; echo "## eval_1epoch"; echo; grep -E "gamma_|w_" "$out/eval_1epoch.log"; fi

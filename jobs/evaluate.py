@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             with PreemptionHandler() as preempt:  # only while shards are made: they are what a rerun keeps
                 for sp in plan.fid_requests:
                     rc = run_request(sp, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
-                                     log=lambda s: print(s, flush=True) if info.is_main or s.startswith("rank") else None)
+                                     log=lambda s: print(s, flush=True))
                     if rc:
                         return rc
         if info.is_main:

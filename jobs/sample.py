@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         plan = plan_request(req)
         with PreemptionHandler() as preempt:
             return run_request(plan, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
-                               log=lambda *a: print(*a, flush=True) if info.is_main or "rank" in str(a[0]) else None)
+                               log=lambda s: print(s, flush=True))
     except UserError as e:
         if info is None or info.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -159,7 +159,8 @@ def _write_extras(sp: SamplePlan, log) -> None:
 def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lambda: None,
                 stop_requested=lambda: False, log=print) -> int:
     """Generate this rank's missing shards, then (rank 0) assemble and export. Returns 0 when the request
-    is complete, ``REQUEUE_EXIT_CODE`` when a stop was requested between shards (rerun to finish)."""
+    is complete, ``REQUEUE_EXIT_CODE`` when a stop was requested between shards (rerun to finish).
+    Rank 0 speaks for all: the other ranks only ``log`` that they stopped."""
     plan, store, s = sp.plan, sp.store, sp.settings
     what = (f"{s['num']} samples of {plan.run_dir} at step {s['step']} ({'EMA' if s['ema'] else 'raw'}), "
             f"{s['sampler']} {s['steps']} steps" + (f", {s['convention']}={s['guidance']:g}" if s["conditional"] else ""))

@@ -102,3 +102,14 @@ def test_inception_metrics_plumbing(random_inception_weights, mnist_root, monkey
     monkeypatch.undo()
     few = inc.score(test[:3])
     assert few["inception_fid"] is not None and few["kid"] is not None and few["precision"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+def test_inception_features_on_cuda_match_the_cpu(random_inception_weights, tmp_path):
+    """The CUDA path, in full float32 (no TF32 convolutions), gives the CPU's features to float32 rounding."""
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cpu = fidelity.InceptionMetrics(random_inception_weights, "cpu", "cifar10", tmp_path).features(images)
+    gpu = fidelity.InceptionMetrics(random_inception_weights, "cuda", "cifar10", tmp_path).features(images)
+    for a, b in zip(cpu, gpu):
+        assert b.device.type == "cpu" and b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

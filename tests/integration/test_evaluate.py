@@ -310,6 +310,8 @@ def test_bad_inputs_write_nothing(tmp_path, run, evaluated, config_path, capsys)
                                                           "sample.guidance=[1.0]"])
     _fails(capsys, [str(uncond), "--guidance", "1,3"], "model is unconditional", tmp_path)
     _fails(capsys, [str(uncond), "--ema"], "has no EMA weights", tmp_path)
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not weights")
     for args, message in (
             (["--guidance", "1,x"], "--guidance '1,x' is not a comma-separated list of numbers"),
             (["--guidance", ""], "is not a comma-separated list"),
@@ -318,6 +320,7 @@ def test_bad_inputs_write_nothing(tmp_path, run, evaluated, config_path, capsys)
             (["--steps", "51"], "--steps 51 exceeds diffusion.T=50"),
             (["--sampler", "ddpm", "--steps", "20"], "ddpm sampler always runs all T=50 steps"),
             (["--inception-weights", str(tmp_path / "inception.pt")], "Inception weights"),
+            (["--inception-weights", str(junk)], "are not a plain tensor state dict"),
             (["--classifier", str(tmp_path / "clf.pt")], "not found"),
             (["--only", "grids,fidd"], "unknown --only part 'fidd'"),
             (["--only", "grids,fid"], "--only fid scores --fid-samples N samples"),

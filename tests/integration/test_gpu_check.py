@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT, python_env
 
-STEPS = ("env", "data", "cuda_tests", "train_1epoch", "eval_1epoch", "train_throughput", "sampling", "end_to_end")
+STEPS = ("env", "data", "cuda_tests", "train_1epoch", "eval_1epoch", "train_throughput", "sampling", "sample_job",
+         "end_to_end")
 
 
 def gpu_check(*args, timeout=600):
@@ -24,11 +25,11 @@ def test_cpu_dry_run_runs_every_step(tmp_path, mnist_root, untrained_classifier)
     summary = (out / "summary.md").read_text()
     for step in STEPS:
         assert f"| {step} | ok |" in summary, (step, summary)
-    for table in ("train_throughput", "sampling", "end_to_end"):
+    for table in ("train_throughput", "sampling", "sample_job", "end_to_end"):
         assert (out / f"{table}.md").read_text().startswith("| ")
         assert f"## {table}" in summary
     assert "gamma_5" in summary  # the evaluation's metric lines
-    assert "5 skipped" in (out / "cuda_tests.log").read_text()  # the 5 CUDA tests, collected; they skip on a CPU
+    assert "6 skipped" in (out / "cuda_tests.log").read_text()  # the 6 CUDA tests, collected; they skip on a CPU
 
 
 def test_bad_arguments_and_a_tight_budget(tmp_path, mnist_root, untrained_classifier):
