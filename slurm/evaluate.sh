@@ -38,4 +38,11 @@ if [ ! -f "$run_dir/config.json" ]; then
   echo "error: $run_dir is not a run directory (no config.json; relative paths start at $PWD)" >&2
   exit 2
 fi
+case " $* " in
+  *" --fid-samples "* | *" --fid-samples="*)
+    if [ "${SLURM_NTASKS:-1}" = 1 ]; then
+      ddpm_log "note: one task makes all --fid-samples samples; to share them over 4 GPUs submit with" \
+               "sbatch --ntasks-per-node=4 --gpus-per-node=4 slurm/evaluate.sh ..."
+    fi ;;
+esac
 ddpm_sample jobs.evaluate "$run_dir" "$@"
