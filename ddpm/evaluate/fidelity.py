@@ -32,6 +32,7 @@ WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
 POOL, LOGITS = "2048", "logits_unbiased"
 BATCH = 64
+PROGRESS = 2000  # images from which feature extraction reports its progress
 KID_SUBSET = 1000
 SEED = 2020  # torch-fidelity's rng_seed default: IS shuffling, KID subsets, the precision/recall reference
 
@@ -79,11 +80,11 @@ class InceptionMetrics:
     """Loads the weights on construction (UserError if they do not fit); the reference features of the
     training split are computed on first use and cached (``reference_images``: only the first N)."""
 
-    def __init__(self, path, device, dataset: str, root, reference_images: int | None = None):
+    def __init__(self, path, device, dataset: str, root, reference_images: int | None = None, log=print):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.path, self.device, self.dataset, self.root = Path(path), torch.device(device), dataset, root
-        self.reference_images = reference_images
+        self.reference_images, self.log = reference_images, log
         data, self.sha256 = read_weights(path)
         try:
             net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS],
@@ -101,17 +102,31 @@ class InceptionMetrics:
                 "reference_images": self.reference_images, "torch_fidelity": torch_fidelity.__version__}
 
     @torch.no_grad()
-    def features(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (N, C, H, W) → (pool features (N, 2048), unbiased logits (N, 1008)), float32 on the CPU."""
-        pool, logits = [], []
-        with ieee_fp32_convolutions():
-            for i in range(0, len(images_u8), BATCH):
+    def features(self, images_u8: torch.Tensor, what: str = "samples") -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, C, H, W) → (pool features (N, 2048), unbiased logits (N, 1008)), float32 on the CPU.
+        From PROGRESS images on, a bar in a terminal, else a line per tenth."""
+        import sys
+        import time
+
+        from tqdm import tqdm
+
+        pool, logits, n, t0 = [], [], len(images_u8), time.perf_counter()
+        long = n >= PROGRESS
+        bar = tqdm(total=n, unit="img", desc=f"Inception features ({what})", disable=not (long and sys.stdout.isatty()))
+        tenth = max(1, n // 10)
+        with ieee_fp32_convolutions(), bar:
+            for i in range(0, n, BATCH):
                 x = images_u8[i:i + BATCH].to(self.device)
                 if x.shape[1] == 1:
                     x = x.repeat(1, 3, 1, 1)
                 f, lg = self.net(x)
                 pool.append(f.cpu())
                 logits.append(lg.cpu())
+                done = min(n, i + BATCH)
+                bar.update(done - i)
+                if long and bar.disable and (done // tenth > i // tenth or done == n):
+                    self.log(f"  Inception features of {what}: {done}/{n} "
+                             f"({done / (time.perf_counter() - t0):.0f} images/s)")
         return torch.cat(pool), torch.cat(logits)
 
     def cache_path(self) -> Path:
@@ -127,7 +142,10 @@ class InceptionMetrics:
 
             def compute():
                 images, _ = load_dataset(self.dataset, self.root, train=True)
-                feats = self.features(images[:self.reference_images])[0].numpy()
+                images = images[:self.reference_images]
+                self.log(f"Inception reference: features of {len(images)} {self.dataset} training images, once "
+                         f"(cached in {self.cache_path()})")
+                feats = self.features(images, "the training split")[0].numpy()
                 return dict(zip(("features", "mu", "sigma"), (feats, *feature_stats(feats))))
 
             key = (f"{self.dataset}-train{self.reference_images or 'all'}-{self.sha256}"

@@ -72,7 +72,10 @@ def test_bad_weights_files_give_one_line(tmp_path, mnist_root):
 
 
 def test_inception_metrics_plumbing(random_inception_weights, mnist_root, monkeypatch):
-    inc = fidelity.InceptionMetrics(random_inception_weights, "cpu", "mnist", mnist_root, reference_images=12)
+    lines = []
+    monkeypatch.setattr(fidelity, "PROGRESS", 10)  # progress lines from 10 images on (batch logs: no terminal)
+    inc = fidelity.InceptionMetrics(random_inception_weights, "cpu", "mnist", mnist_root, reference_images=12,
+                                    log=lines.append)
     train, _ = load_dataset("mnist", mnist_root, train=True)
     test, _ = load_dataset("mnist", mnist_root, train=False)
     seen, forward = [], inc.net.forward
@@ -86,6 +89,9 @@ def test_inception_metrics_plumbing(random_inception_weights, mnist_root, monkey
     same = inc.score(train[:12])  # the reference images themselves
     assert same["inception_fid"] == pytest.approx(0, abs=1e-6) and same["inception_score"] >= 1.0
     assert same["precision"] == 1.0 and same["recall"] == 1.0
+    assert any(x.startswith("Inception reference: features of 12 mnist training images, once (cached in ") for x in lines)
+    assert any("Inception features of the training split: 12/12" in x for x in lines), lines
+    assert any("Inception features of samples: 12/12" in x for x in lines), lines
     other = inc.score(test[:12])
     # KID is unbiased: a set against itself is below 0 (the diagonal is left out), another set above it
     assert other["inception_fid"] > 1 and np.isfinite(same["kid"]) and other["kid"] > same["kid"]
