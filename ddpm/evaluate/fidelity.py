@@ -174,6 +174,8 @@ class InceptionMetrics:
                                                 verbose=False)["kernel_inception_distance_mean"]
         if min(n, len(real)) >= 4:  # 3 neighbours besides the point itself
             pick = np.random.RandomState(SEED).permutation(len(real))[:n]
-            prc = prc_features_to_metric(feats, real[np.sort(pick)], save_cpu_ram=True, verbose=False)
+            # the k-NN distances on the GPU when there is one (50,000 x 50,000 of them at paper scale)
+            prc = prc_features_to_metric(feats.to(self.device), real[np.sort(pick)].to(self.device),
+                                         save_cpu_ram=True, verbose=False)
             out["precision"], out["recall"] = prc["precision"], prc["recall"]
         return out

@@ -111,11 +111,20 @@ def test_inception_metrics_plumbing(random_inception_weights, mnist_root, monkey
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
-def test_inception_features_on_cuda_match_the_cpu(random_inception_weights, tmp_path):
-    """The CUDA path, in full float32 (no TF32 convolutions), gives the CPU's features to float32 rounding."""
+def test_inception_features_on_cuda_match_the_cpu(random_inception_weights, tmp_path, monkeypatch):
+    """The CUDA path, in full float32 (no TF32 convolutions), gives the CPU's features to float32 rounding,
+    and the same scores (precision/recall's distances on the GPU)."""
     images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    cpu = fidelity.InceptionMetrics(random_inception_weights, "cpu", "cifar10", tmp_path).features(images)
-    gpu = fidelity.InceptionMetrics(random_inception_weights, "cuda", "cifar10", tmp_path).features(images)
+    on_cpu = fidelity.InceptionMetrics(random_inception_weights, "cpu", "cifar10", tmp_path)
+    on_gpu = fidelity.InceptionMetrics(random_inception_weights, "cuda", "cifar10", tmp_path)
+    cpu, gpu = on_cpu.features(images), on_gpu.features(images)
     for a, b in zip(cpu, gpu):
         assert b.device.type == "cpu" and b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    real = cpu[0][30:].numpy()  # the last 40 images stand in for the training split (no data set needed)
+    reference = {"features": real, **dict(zip(("mu", "sigma"), metrics.feature_stats(real)))}
+    for inc in (on_cpu, on_gpu):
+        monkeypatch.setattr(inc, "reference", lambda: reference)
+    a, b = on_cpu.score(images[:30]), on_gpu.score(images[:30])
+    assert b["inception_fid"] == pytest.approx(a["inception_fid"], rel=1e-3) and b.keys() == a.keys()
+    assert (b["precision"], b["recall"]) == pytest.approx((a["precision"], a["recall"]), abs=0.04)
