@@ -6,6 +6,7 @@ one is :mod:`ddpm.evaluate.fidelity`, through torch-fidelity; tests/evaluate/tes
 these statistics and this Fréchet distance agree with torch-fidelity's on the same features).
 """
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def cached_arrays(cache: Path, key: str, compute) -> dict:
             with np.load(cache) as z:
                 if str(z["key"]) == key:
                     return {k: z[k] for k in z.files if k != "key"}
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # damaged or foreign: recompute and overwrite
     arrays = compute()
     try:

@@ -143,3 +143,26 @@ def test_classifier_reaches_99_percent_on_mnist(tmp_path, mnist_root):
     _, meta = feature_cnn.load_classifier(out, "mnist")
     assert meta["test_accuracy"] >= 0.99, meta
     assert meta["steps"] == round(feature_cnn.RECIPES["mnist"]["epochs"] * (60000 // 128))
+
+
+def test_cached_arrays_recompute_a_damaged_or_foreign_cache(tmp_path, capsys):
+    cache, calls = tmp_path / "stats" / "ref.npz", []
+
+    def compute(value=1.0):
+        calls.append(value)
+        return {"mu": np.full(4, value), "sigma": np.eye(4) * value}
+
+    first = metrics.cached_arrays(cache, "key-a", compute)
+    assert calls == [1.0] and cache.is_file()
+    np.testing.assert_array_equal(metrics.cached_arrays(cache, "key-a", lambda: pytest.fail("recomputed"))["mu"],
+                                  first["mu"])
+    assert metrics.cached_stats(cache, "key-b", lambda: (np.zeros(4), np.eye(4)))[0].tolist() == [0] * 4  # foreign
+    whole = cache.read_bytes()
+    for damaged in (whole[:len(whole) // 2], whole[:40], b"", b"not a zip file at all"):
+        cache.write_bytes(damaged)  # a kill while a foreign tool wrote it, a full disk, ...
+        assert metrics.cached_arrays(cache, "key-a", lambda: compute(2.0))["mu"].tolist() == [2.0] * 4
+        assert metrics.cached_arrays(cache, "key-a", lambda: pytest.fail("recomputed"))["mu"].tolist() == [2.0] * 4
+    blocked = tmp_path / "a-file"  # a cache folder that cannot be made (as for a read-only data root, even as root)
+    blocked.write_text("")
+    out = metrics.cached_arrays(blocked / "ref.npz", "key-c", lambda: compute(3.0))
+    assert out["mu"].tolist() == [3.0] * 4 and "warning: could not cache" in capsys.readouterr().out
