@@ -130,9 +130,9 @@ def sample_plan(plan, scale: float, num: int, batch: int = 250, out: str | None 
     old = finished_settings(path)
     if old is not None and differences(old, settings):
         raise UserError(f"{path} holds samples made with other settings (differs in "
-                        f"{', '.join(differences(old, settings))}); pass another --out NAME, or move it away")
+                        f"{', '.join(differences(old, settings))}); move it away, or pass jobs.sample another --out NAME")
     store = ShardStore(plan.run_dir / "samples" / f"{name}.shards", num, batch)
-    store.check(settings, "pass another --out NAME, or the same settings to finish it")
+    store.check(settings, "pass the same settings to finish it, or jobs.sample another --out NAME")
     return SamplePlan(plan, settings, path, store, old is not None, None, None)
 
 
