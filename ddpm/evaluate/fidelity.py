@@ -80,11 +80,13 @@ class InceptionMetrics:
     """Loads the weights on construction (UserError if they do not fit); the reference features of the
     training split are computed on first use and cached (``reference_images``: only the first N)."""
 
-    def __init__(self, path, device, dataset: str, root, reference_images: int | None = None, log=print):
+    def __init__(self, path, device, dataset: str, root, reference_images: int | None = None, log=print,
+                 split_size: int | None = None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.path, self.device, self.dataset, self.root = Path(path), torch.device(device), dataset, root
         self.reference_images, self.log = reference_images, log
+        self.split_size = split_size  # images in the data root's training split, if known
         data, self.sha256 = read_weights(path)
         try:
             net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS],
@@ -99,7 +101,20 @@ class InceptionMetrics:
         import torch_fidelity
 
         return {"path": str(self.path), "sha256": self.sha256, "reference": "train",
-                "reference_images": self.reference_images, "torch_fidelity": torch_fidelity.__version__}
+                "reference_images": self.reference_images, "torch_fidelity": torch_fidelity.__version__,
+                "comparable_note": self.comparable_note()}
+
+    def comparable_note(self) -> str | None:
+        """A warning when the reference is not the official training split (None when it is, or unknown)."""
+        from ddpm.data.datasets import DATASETS
+
+        full = DATASETS[self.dataset]["train_size"]
+        used = min(x for x in (self.reference_images, self.split_size, full) if x is not None)
+        if used >= full:
+            return None
+        return (f"the Inception reference is {used} of the {full} {self.dataset} training images (a subset of the "
+                "data set or --reference-images): its FID, KID and precision/recall are not comparable with "
+                "papers' numbers")
 
     @torch.no_grad()
     def features(self, images_u8: torch.Tensor, what: str = "samples") -> tuple[torch.Tensor, torch.Tensor]:

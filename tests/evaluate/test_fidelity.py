@@ -92,6 +92,11 @@ def test_inception_metrics_plumbing(random_inception_weights, mnist_root, monkey
     assert any(x.startswith("Inception reference: features of 12 mnist training images, once (cached in ") for x in lines)
     assert any("Inception features of the training split: 12/12" in x for x in lines), lines
     assert any("Inception features of samples: 12/12" in x for x in lines), lines
+    assert "12 of the 60000 mnist training images" in inc.comparable_note()  # flagged: not the papers' reference
+    assert inc.describe()["comparable_note"] == inc.comparable_note()
+    full = fidelity.InceptionMetrics(random_inception_weights, "cpu", "mnist", mnist_root, split_size=60000)
+    subset = fidelity.InceptionMetrics(random_inception_weights, "cpu", "cifar10", mnist_root, split_size=5170)
+    assert full.comparable_note() is None and "5170 of the 50000 cifar10" in subset.comparable_note()
     other = inc.score(test[:12])
     # KID is unbiased: a set against itself is below 0 (the diagonal is left out), another set above it
     assert other["inception_fid"] > 1 and np.isfinite(same["kid"]) and other["kid"] > same["kid"]

@@ -360,6 +360,7 @@ def test_inception_metrics_end_to_end(run, evaluated, random_inception_weights):
     assert row["kid"] is not None and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
     report = (run / "eval" / "step_000000020" / "report.md").read_text()
     assert "Inception FID" in report and "| KID |" in report and "reference: the training split" in report
+    assert any("10 of the 60000 mnist training images" in n for n in m["notes"]) and "not comparable" in report
 
 
 def test_fid_samples_uses_jobs_sample_machinery(run, evaluated, untrained_classifier, capsys):
