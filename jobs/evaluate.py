@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                   classifier=a.classifier, metric_samples=a.metric_samples, table_samples=a.table_samples,
                   fast_steps=a.fast_steps, reference_images=a.reference_images, clip_x0=a.clip_x0,
                   fid_samples=a.fid_samples)
-    from ddpm.evaluate.sample_request import fid_requests, run_request
+    from ddpm.evaluate.sample_request import fast_model, fid_requests, run_request
     from ddpm.train import dist
     from ddpm.train.preempt import PreemptionHandler
 
@@ -114,11 +114,11 @@ def main(argv=None) -> int:
             req.device = info.device.type
         plan = make_plan(req)  # every check; nothing is written before it passes
         if plan.fid_samples:
-            plan.fid_requests = fid_requests(plan, plan.fid_samples)
+            plan.fid_requests, fast = fid_requests(plan, plan.fid_samples), fast_model(plan)  # compiled once
             with PreemptionHandler() as preempt:  # only while shards are made: they are what a rerun keeps
                 for sp in plan.fid_requests:
                     rc = run_request(sp, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
-                                     log=lambda s: print(s, flush=True))
+                                     log=lambda s: print(s, flush=True), model=fast)
                     if rc:
                         return rc
         if info.is_main:

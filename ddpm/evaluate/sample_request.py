@@ -156,11 +156,19 @@ def _write_extras(sp: SamplePlan, log) -> None:
         log(f"png: {len(images)} files {sp.png_dir}/000000.png ... (labels in {sp.out})")
 
 
+def fast_model(plan):
+    """The plan's net for sampling, compiled once on CUDA (bf16, CUDA graphs) without the guidance scale
+    inside (classifier_free_guidance wraps it outside): pass it to every request of the same net."""
+    return compile_for_sampling(eps_model_for(plan.net, schedule_for(plan.cfg), plan.cfg.diffusion.objective,
+                                              plan.device), plan.device)
+
+
 def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lambda: None,
-                stop_requested=lambda: False, log=print) -> int:
+                stop_requested=lambda: False, log=print, model=None) -> int:
     """Generate this rank's missing shards, then (rank 0) assemble and export. Returns 0 when the request
     is complete, ``REQUEUE_EXIT_CODE`` when a stop was requested between shards (rerun to finish).
-    Rank 0 speaks for all: the other ranks only ``log`` that they stopped."""
+    Rank 0 speaks for all: the other ranks only ``log`` that they stopped. ``model``: :func:`fast_model` of
+    the plan, made once for several requests of the same net (default: made here)."""
     plan, store, s = sp.plan, sp.store, sp.settings
     what = (f"{s['num']} samples of {plan.run_dir} at step {s['step']} ({'EMA' if s['ema'] else 'raw'}), "
             f"{s['sampler']} {s['steps']} steps" + (f", {s['convention']}={s['guidance']:g}" if s["conditional"] else ""))
@@ -177,9 +185,7 @@ def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lamb
     if rank == 0:
         log(f"sampling {what}: {store.count} shards of {store.size}, {world_size} rank(s); this rank: "
             f"{len(mine) - len(todo)} of its {len(mine)} shards already committed")
-    # Compiled once, without the guidance scale inside (classifier_free_guidance wraps it outside).
-    fast = compile_for_sampling(eps_model_for(plan.net, schedule_for(plan.cfg), plan.cfg.diffusion.objective,
-                                              plan.device), plan.device)
+    fast = model if model is not None else fast_model(plan)
     num_classes = DATASETS[plan.cfg.data.dataset]["classes"]
     t0, made = time.perf_counter(), 0
     # A bar in a terminal; one line per shard in batch logs (rank 0 speaks for all).
