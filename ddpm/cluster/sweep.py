@@ -149,21 +149,19 @@ def last_evaluation(run_dir) -> str | None:
     """The headline of the newest evaluation (jobs.evaluate's RUN_DIR/eval/step_*/metrics.json), e.g.
     "step 5000: acc 0.982 fFID 3.1 (γ=5)", at the scale its single-scale figures use, from its
     --fid-samples rows if it has them ("... FID 3.17 (w=3, 50000 samples)"); None if none."""
+    from ddpm.run.evaluations import headline_row, scale_label
+
     for path in sorted(Path(run_dir).glob("eval/step_*/metrics.json"), reverse=True):
         try:
             m = json.loads(path.read_text())
-            section = "fid" if m["sections"].get("fid", {}).get("rows") else "guidance"
-            rows = {r["scale"]: r for r in m["sections"][section]["rows"]}
-            scale = m["guidance"]["display_scale"]
-            r = rows.get(scale) or next(iter(rows.values()))
+            section, r = headline_row(m)
+            where = ([scale_label(m, r["scale"])] if m["guidance"]["conditional"] else []) + \
+                ([f"{r.get('n')} samples"] if section == "fid" else [])
         except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
             continue  # half-written, damaged or without samples (a denoiser run): look further back
-        sym = "γ" if m["guidance"]["convention"] == "gamma" else "w"
         parts = [f"{label} {r[key]:.{digits}f}" for key, label, digits in (
             ("accuracy", "acc", 3), ("feature_fid", "fFID", 1), ("inception_fid", "FID", 2),
             ("inception_score", "IS", 2)) if r.get(key) is not None]
-        where = ([f"{sym}={r['scale']:g}"] if m["guidance"]["conditional"] else []) + \
-            ([f"{r.get('n')} samples"] if section == "fid" else [])
         return f"step {m['checkpoint']['step']}: {' '.join(parts) or 'no metrics'}" + (f" ({', '.join(where)})" if where else "")
     return None
 

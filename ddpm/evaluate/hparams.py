@@ -10,6 +10,8 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from ddpm.run.evaluations import scale_label, scored_rows
+
 # Config keys shown as hyper-parameters (the model's own keys are added per architecture).
 KEYS = (("data", "dataset"), ("data", "hflip"), ("diffusion", "objective"), ("diffusion", "schedule"),
         ("diffusion", "T"), ("diffusion", "p_uncond"), ("train", "batch_size"), ("train", "lr"),
@@ -39,13 +41,11 @@ def hparams_of(cfg, metrics: dict) -> dict:
 def headline(metrics: dict) -> dict:
     """{tag: float}: accuracy, feature-FID and the Inception metrics per guidance scale, where measured:
     ``eval/KEY/SCALE`` for the guidance sweep's samples, ``eval/KEY_nN/SCALE`` for --fid-samples N."""
-    sym = "γ" if metrics["guidance"]["convention"] == "gamma" else "w"
     out = {}
-    for section in ("guidance", "fid"):
-        for r in metrics.get("sections", {}).get(section, {}).get("rows", []):
-            scale = f"{sym}={r['scale']:g}" if metrics["guidance"]["conditional"] else "uncond"
-            n = f"_n{r['n']}" if section == "fid" else ""
-            out.update({f"eval/{key}{n}/{scale}": float(r[key]) for key, _ in METRICS if r.get(key) is not None})
+    for section, r in scored_rows(metrics):
+        n = f"_n{r['n']}" if section == "fid" else ""
+        out.update({f"eval/{key}{n}/{scale_label(metrics, r['scale'])}": float(r[key])
+                    for key, _ in METRICS if r.get(key) is not None})
     return out
 
 

@@ -1,5 +1,6 @@
 """``report.md`` of an evaluation: every figure and table of ``metrics.json``, readable on GitHub or in
 any Markdown viewer (figures are referenced by relative path, next to the report)."""
+from ddpm.run.evaluations import convention_symbol
 
 
 def _f(v, digits=3) -> str:
@@ -68,7 +69,7 @@ def render(m: dict) -> str:
     sec = m["sections"]
     if "guidance" in sec:
         x = sec["guidance"]
-        sym = "γ" if g["convention"] == "gamma" else "w"
+        sym = convention_symbol(g["convention"])
         lines += ["## Samples and guidance sweep", "",
                   f"{x['rows'][0]['n']} samples per scale ({x['per_class']} per class), {x['sampler']} with "
                   f"{x['steps']} steps. Label accuracy: fraction of samples the classifier assigns to the requested "
@@ -80,7 +81,7 @@ def render(m: dict) -> str:
         lines += _images(x)
     if "fid" in sec:
         x = sec["fid"]
-        sym = "γ" if g["convention"] == "gamma" else "w"
+        sym = convention_symbol(g["convention"])
         lines += ["## Paper-scale metrics (--fid-samples)", "",
                   f"{x['n']} samples per scale, {x['sampler']} with {x['steps']} steps, made by jobs.sample's "
                   "sharded requests. Inception metrics via torch-fidelity against the training split: FID and KID "

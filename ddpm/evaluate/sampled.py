@@ -17,6 +17,7 @@ from ddpm.diffusion.from_config import generate
 from ddpm.diffusion.samplers import ddim_timesteps, slerp, to_gamma
 from ddpm.evaluate import feature_cnn, figures, metrics
 from ddpm.run.checkpoints import CheckpointManager
+from ddpm.run.evaluations import convention_symbol
 from ddpm.run.grids import grid_figure
 from ddpm.run.samples import read_samples, write_samples
 from ddpm.run.shards import GROUP
@@ -57,7 +58,7 @@ def _sample(plan, net, labels, n, scale, sampler, steps, seed, x_T=None, capture
 
 
 def _symbol(plan) -> str:
-    return "γ" if plan.convention == "gamma" else "w"
+    return convention_symbol(plan.convention)
 
 
 def _sampler_line(plan, sampler, steps, scale=None) -> str:

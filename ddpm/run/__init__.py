@@ -14,4 +14,6 @@ metrics without importing torch):
   ``OutOfSpace``), ``damaged_name``
 - ``ddpm.run.lock``: ``RunLock`` (one writer per run dir: ``lock.json`` with a heartbeat, stale locks taken over)
 - ``ddpm.run.shards``: ``ShardStore`` (a sampling request's committed shards, assembled into ``samples/NAME.h5``)
+- ``ddpm.run.evaluations``: reading an evaluation's ``metrics.json`` rows (``scored_rows``, ``headline_row``,
+  ``scale_label``, ``convention_symbol``)
 """

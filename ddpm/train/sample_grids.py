@@ -14,6 +14,7 @@ from ddpm.data.images import make_grid, model_to_uint8
 from ddpm.diffusion.from_config import effective_steps, generate
 from ddpm.errors import out_of_space
 from ddpm.run import samples
+from ddpm.run.evaluations import convention_symbol
 from ddpm.run.grids import grid_figure
 from ddpm.run.metrics_log import RunLogger
 
@@ -92,7 +93,7 @@ def grid_png(cfg: Config, path: Path, grid, n: int, attrs: dict, *, step: int, e
     s = cfg.sample
     conditional = attrs.get("guidance_scale") is not None
     if conditional:
-        symbol = "γ" if s.convention == "gamma" else "w"
+        symbol = convention_symbol(s.convention)
         what = f"{symbol}={attrs['guidance_scale']:g} (guidance convention {s.convention})"
     else:
         what = str(attrs.get("sampler")).replace("_", " ")
