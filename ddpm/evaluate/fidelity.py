@@ -18,6 +18,7 @@ dimensions), where torch-fidelity's general eigenvalues give e.g. -0.02 for a se
 and cached next to the data, ``DATA_ROOT/fidelity/DATASET_train<N>_inception-<sha256[:12]>.npz``.
 Grayscale MNIST is repeated to 3 channels.
 """
+import hashlib
 import io
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ POOL, LOGITS = "2048", "logits_unbiased"
 BATCH = 64
 PROGRESS = 2000  # images from which feature extraction reports its progress
 KID_SUBSET = 1000
+# The keys of score(), in the order reports show them.
+METRIC_KEYS = ("inception_fid", "inception_score", "kid", "precision", "recall")
 SEED = 2020  # torch-fidelity's rng_seed default: IS shuffling, KID subsets, the precision/recall reference
 
 GET_WEIGHTS = f"pass torch-fidelity's {WEIGHTS_NAME} (wget {WEIGHTS_URL} on a machine with internet)"
@@ -41,8 +44,6 @@ GET_WEIGHTS = f"pass torch-fidelity's {WEIGHTS_NAME} (wget {WEIGHTS_URL} on a ma
 
 def read_weights(path) -> tuple[bytes, str]:
     """(the file's bytes, their sha256) after checking they are a state dict torch loads safely."""
-    import hashlib
-
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -62,18 +63,16 @@ def ieee_fp32_convolutions():
     """cuDNN convolutions in full float32 (PyTorch runs them in TF32 on Ampere and later by default):
     the Inception features of the papers were computed without TF32."""
     conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        old, conv.fp32_precision = conv.fp32_precision, "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
+    if hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        flags, name, value = conv, "fp32_precision", "ieee"
     else:
-        old, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
+        flags, name, value = torch.backends.cudnn, "allow_tf32", False
+    old = getattr(flags, name)
+    setattr(flags, name, value)
+    try:
+        yield
+    finally:
+        setattr(flags, name, old)
 
 
 class InceptionMetrics:
@@ -178,8 +177,7 @@ class InceptionMetrics:
         feats, logits = self.features(images_u8)
         ref = self.reference()
         real = torch.from_numpy(np.asarray(ref["features"]))
-        n, out = len(feats), {"inception_fid": None, "inception_score": None, "kid": None, "precision": None,
-                              "recall": None}
+        n, out = len(feats), dict.fromkeys(METRIC_KEYS)
         out["inception_fid"] = frechet_distance(*feature_stats(feats.numpy()), ref["mu"], ref["sigma"])
         out["inception_score"] = isc_features_to_metric(logits, splits=10 if n >= 100 else 1,
                                                         rng_seed=SEED)["inception_score_mean"]

@@ -302,8 +302,8 @@ def make_plan(req: Request) -> Plan:
             train, _ = load_dataset(cfg.data.dataset, cfg.data.root, train=True)  # the Inception reference
             plan.inception = InceptionMetrics(req.inception_weights, device, cfg.data.dataset, cfg.data.root,
                                               req.reference_images, split_size=len(train))
-            if plan.inception.comparable_note():
-                plan.notes.append(plan.inception.comparable_note())
+            if note := plan.inception.comparable_note():
+                plan.notes.append(note)
         if "fid" in parts and plan.classifier is None and plan.inception is None:
             raise UserError(f"--fid-samples {req.fid_samples} would make samples that nothing scores: pass "
                             "--inception-weights PATH (FID, IS, KID, precision/recall), or --classifier PATH or "

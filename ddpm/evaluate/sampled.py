@@ -15,7 +15,7 @@ from ddpm.data.datasets import DATASETS
 from ddpm.data.images import make_grid
 from ddpm.diffusion.from_config import generate
 from ddpm.diffusion.samplers import ddim_timesteps, slerp, to_gamma
-from ddpm.evaluate import feature_cnn, figures, metrics
+from ddpm.evaluate import feature_cnn, fidelity, figures, metrics
 from ddpm.run.checkpoints import CheckpointManager
 from ddpm.run.evaluations import convention_symbol
 from ddpm.run.grids import grid_figure
@@ -74,7 +74,6 @@ def _sampler_line(plan, sampler, steps, scale=None) -> str:
     return f"sampler {sampler}, {steps} steps{clip} · {guide}"
 
 
-INCEPTION_KEYS = ("inception_fid", "inception_score", "kid", "precision", "recall")
 HEADLINE = (("inception_fid", "FID"), ("inception_score", "IS"), ("kid", "KID"), ("precision", "precision"),
             ("recall", "recall"), ("accuracy", "accuracy"), ("feature_fid", "feature-FID"))
 
@@ -82,7 +81,7 @@ HEADLINE = (("inception_fid", "FID"), ("inception_score", "IS"), ("kid", "KID"),
 def _scores(plan, u8: np.ndarray, labels) -> dict:
     """Label accuracy and feature-FID (classifier); Inception FID, IS, KID, precision and recall (if
     Inception weights were given)."""
-    out = {"accuracy": None, "feature_fid": None, **dict.fromkeys(INCEPTION_KEYS)}
+    out = {"accuracy": None, "feature_fid": None, **dict.fromkeys(fidelity.METRIC_KEYS)}
     images = _nchw(u8)
     if plan.classifier is not None:
         logits, feats = feature_cnn.classify(plan.classifier[0], images, plan.device)
