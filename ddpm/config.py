@@ -72,6 +72,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500                    # also saved at the end and on a preemption signal
+    every_minutes: float = 0.0          # also saved when this many minutes passed since the last save; 0 = off
     keep_last: int = 3
     keep_every: int = 0                 # also keep checkpoints whose step is a multiple of this
 
@@ -132,6 +133,7 @@ RANGES = {
     "train.lr": (0, None, False), "train.weight_decay": (0, None, True), "train.lr_gamma": (0, None, False),
     "train.warmup_steps": (0, None, True), "train.collective_timeout_s": (10, None, True), "train.grad_clip": (0, None, True), "train.ema_decay": (0, 1, True),
     "log.every": (1, None, True), "log.sample_every": (0, None, True), "checkpoint.every": (1, None, True),
+    "checkpoint.every_minutes": (0, None, True),
     "checkpoint.keep_last": (1, None, True), "checkpoint.keep_every": (0, None, True),
     "sample.steps": (0, None, True), "sample.per_class": (1, None, True),
 }

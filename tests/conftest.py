@@ -104,7 +104,7 @@ def random_inception_weights(tmp_path_factory):
     from unittest import mock
 
     import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason="torch-fidelity is not installed")
 
     torch.manual_seed(0)
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \

@@ -20,12 +20,12 @@ Grayscale MNIST is repeated to 3 channels.
 """
 import hashlib
 import io
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ddpm.diffusion.compiled import ieee_fp32
 from ddpm.errors import UserError
 from ddpm.evaluate.metrics import cached_arrays, feature_stats, frechet_distance
 
@@ -58,30 +58,17 @@ def read_weights(path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-@contextmanager
-def ieee_fp32_convolutions():
-    """cuDNN convolutions in full float32 (PyTorch runs them in TF32 on Ampere and later by default):
-    the Inception features of the papers were computed without TF32."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        flags, name, value = conv, "fp32_precision", "ieee"
-    else:
-        flags, name, value = torch.backends.cudnn, "allow_tf32", False
-    old = getattr(flags, name)
-    setattr(flags, name, value)
-    try:
-        yield
-    finally:
-        setattr(flags, name, old)
-
-
 class InceptionMetrics:
     """Loads the weights on construction (UserError if they do not fit); the reference features of the
     training split are computed on first use and cached (``reference_images``: only the first N)."""
 
     def __init__(self, path, device, dataset: str, root, reference_images: int | None = None, log=print,
                  split_size: int | None = None):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise UserError("the Inception metrics need torch-fidelity, which is not installed here: "
+                            "pip install 'torch-fidelity>=0.4,<0.5'") from None
 
         self.path, self.device, self.dataset, self.root = Path(path), torch.device(device), dataset, root
         self.reference_images, self.log = reference_images, log
@@ -128,7 +115,7 @@ class InceptionMetrics:
         long = n >= PROGRESS
         bar = tqdm(total=n, unit="img", desc=f"Inception features ({what})", disable=not (long and sys.stdout.isatty()))
         tenth = max(1, n // 10)
-        with ieee_fp32_convolutions(), bar:
+        with ieee_fp32(), bar:
             for i in range(0, n, BATCH):
                 x = images_u8[i:i + BATCH].to(self.device)
                 if x.shape[1] == 1:

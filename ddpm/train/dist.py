@@ -5,7 +5,6 @@ Launch detection order: torchrun (RANK/WORLD_SIZE/LOCAL_RANK) -> SLURM with more
 """
 import os
 import re
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -77,13 +76,19 @@ def _job_id(value: str) -> int:
     return int(digits) if digits else 0
 
 
-def _launch_info(env: Mapping[str, str]) -> tuple[int, int, int, dict[str, str]]:
-    """(rank, world_size, local_rank, rendezvous env defaults) for the way this process was started."""
+def _launch_info(env: Mapping[str, str], pid: int | None = None) -> tuple[int, int, int, dict[str, str]]:
+    """(rank, world_size, local_rank, rendezvous env defaults) for the way this process was started.
+
+    A process that SLURM's variables count as one of several tasks but that srun did not start (the
+    batch script, or the shell of an interactive ``srun -n4 --pty bash``) would wait for peers that never
+    come: that is a UserError at once. ``pid``: this process's id (``os.getpid()`` by default).
+    """
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun sets MASTER_ADDR/MASTER_PORT itself
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), {}
     # A 1-task job (or a batch script started by sbatch) also has SLURM_PROCID: that is one process.
     ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
     if "SLURM_PROCID" in env and ntasks > 1:
+        _check_started_by_srun(env, ntasks, os.getpid() if pid is None else pid)
         rendezvous = {}
         if not env.get("MASTER_ADDR"):  # values exported by the batch script win
             # Task 0 runs on the first node of the step, which is the first node of the job unless
@@ -100,6 +105,53 @@ def _launch_info(env: Mapping[str, str]) -> tuple[int, int, int, dict[str, str]]
     return 0, 1, 0, {}
 
 
+def _check_started_by_srun(env: Mapping[str, str], ntasks: int, pid: int) -> None:
+    """UserError unless this process is one of the ``ntasks`` tasks of an srun step (see _launch_info)."""
+    launch = (f"launch one process per task with 'srun python -m ...', or run 'torchrun --nproc_per_node={ntasks} "
+              f"-m ...', or 'SLURM_NTASKS=1 python -m ...' for one process")
+    if "SLURM_STEP_ID" not in env:  # srun sets it for every task; the batch script and salloc's shell lack it
+        raise UserError(f"SLURM_NTASKS={ntasks} but this process runs in the job's batch script, not in an srun step: "
+                        f"its {ntasks - 1} peers would never come; {launch}")
+    step_tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if step_tasks and int(step_tasks) != ntasks:
+        raise UserError(f"SLURM_NTASKS={ntasks} but this srun step has {step_tasks} task(s) (SLURM_STEP_NUM_TASKS): "
+                        f"the ranks would wait for peers that never come; {launch}")
+    # srun --pty gives task 0 a terminal; a program started from that shell is not a task itself.
+    if env.get("SLURM_PTY_PORT") and env.get("SLURM_TASK_PID") and int(env["SLURM_TASK_PID"]) != pid:
+        raise UserError(f"this runs in the shell of an interactive 'srun -n{ntasks} --pty' step, whose other "
+                        f"{ntasks - 1} task(s) are not running this program: they would never join; {launch}")
+
+
+def local_device_index(local_rank: int, visible: int, local_world_size: int | None = None) -> int:
+    """The CUDA device index of the task with ``local_rank`` on its node, given ``visible`` GPUs.
+
+    Tasks that each see all the node's GPUs (``--gpus-per-node=4``, torchrun) take GPU ``local_rank``;
+    a task bound to its own GPU (``--gpus-per-task=1``: one visible) takes 0. Fewer visible GPUs than
+    tasks on the node would put two ranks on one GPU (NCCL refuses that, after the rendezvous): a
+    UserError at once.
+    """
+    if visible < 1:
+        raise UserError("CUDA reports no visible GPU on this node; check CUDA_VISIBLE_DEVICES or use train.device=cpu")
+    if visible == 1:
+        return 0
+    if local_rank >= visible or (local_world_size or 0) > visible:
+        tasks = local_world_size or local_rank + 1
+        raise UserError(f"{tasks} tasks on this node share {visible} visible GPUs (local rank {local_rank}): ask for "
+                        f"one GPU per task (#SBATCH --gpus-per-node={tasks}, or --gpus-per-task=1), or start "
+                        f"{visible} tasks per node")
+    return local_rank
+
+
+def _local_world_size(env: Mapping[str, str]) -> int | None:
+    """Tasks on this node: torchrun's LOCAL_WORLD_SIZE, or SLURM's SLURM_STEP_TASKS_PER_NODE ("4" or "4(x2)")."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        value = env.get("LOCAL_WORLD_SIZE", "")
+    else:
+        value = env.get("SLURM_STEP_TASKS_PER_NODE", "") if "SLURM_STEP_ID" in env else ""
+    m = re.match(r"^(\d+)", value)
+    return int(m.group(1)) if m else None
+
+
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
@@ -110,8 +162,10 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         if device == "auto":
             return torch.device("cpu")
         raise UserError(f"train.device={device} but CUDA is not available on this node; use train.device=auto to fall back to CPU")
-    # With --gpus-per-task each task sees one GPU, so local_rank may exceed the visible count.
-    index = int(device[5:]) if device.startswith("cuda:") else local_rank % torch.cuda.device_count()
+    if device.startswith("cuda:"):
+        index = int(device[5:])
+    else:
+        index = local_device_index(local_rank, torch.cuda.device_count(), _local_world_size(os.environ))
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -136,11 +190,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
         if missing:
             raise UserError(f"RANK/WORLD_SIZE are set but {' and '.join(missing)} not: launch with torchrun or srun, "
                             f"or export MASTER_ADDR and MASTER_PORT")
-        if "SLURM_PROCID" in os.environ and "RANK" not in os.environ and "SLURM_STEP_ID" not in os.environ:
-            print(f"warning: SLURM_NTASKS={world_size} but this process was not started by srun; it will wait "
-                  f"for {world_size - 1} peers that may never come (launch with 'srun python -m ...')", file=sys.stderr)
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guessing from the rank, no
+        # extra context on GPU 0) and lets barriers and the first collective use it.
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, dev, backend)
 
 
@@ -191,6 +244,26 @@ def cleanup() -> None:
     """Leave the process group (call once at the end of a run); no-op without one."""
     if _initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flags, device) -> list[bool]:
+    """For each flag, True on every rank if it is set on any rank (one all_reduce MAX); the flags
+    themselves without a process group. Collective: every rank passes as many flags at the same point.
+    device: where the small tensor lives (the rank's CUDA device for NCCL, cpu for gloo)."""
+    if not _initialized():
+        return [bool(f) for f in flags]
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_from_all(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank; ``[value]`` alone."""
+    if not _initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def broadcast_from_main(value):

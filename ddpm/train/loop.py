@@ -6,10 +6,19 @@ global batch from a generator seeded by (seed, step) and sliced per rank, so 1 p
 see the same draws), dropout (global RNG reseeded per step and rank), the learning rate and the EMA decay
 (:mod:`ddpm.train.schedules`). A resumed run therefore repeats an uninterrupted one bit for bit (on CPU;
 CUDA kernels may not be deterministic).
+
+Compilation can never take a run down: the first step of every process first runs its forward and backward
+through the compiled model without syncing gradients or keeping any state (a trial); if compiling failed on
+any rank, at wrapping or in that trial, every rank trains eagerly and rank 0 says so in one warning line.
+``DDPM_COMPILE_BACKEND`` (for tests) names the dynamo backend and makes ``train.compile`` and
+``train.precision=bf16`` apply on the CPU as on CUDA, so that the CUDA wrapping runs in a CPU test.
 """
 import copy
 import datetime
+import gc
+import os
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -33,11 +42,13 @@ from ddpm.run.atomic import writing
 from ddpm.run.checkpoints import CheckpointManager
 from ddpm.run.lock import describe
 from ddpm.run.metrics_log import RunLogger
-from ddpm.train.dist import DistInfo, barrier, print0, reduce_mean
-from ddpm.train.preempt import PreemptionHandler, should_stop
+from ddpm.train.dist import DistInfo, any_rank, barrier, gather_from_all, print0, reduce_mean
+from ddpm.train.preempt import PreemptionHandler
 from ddpm.train.progress import Progress
 from ddpm.train.sample_grids import write_event
 from ddpm.train.schedules import ema_decay_at, lr_at, total_steps
+
+COMPILE_BACKEND_ENV = "DDPM_COMPILE_BACKEND"
 
 
 class Trainer:
@@ -66,7 +77,10 @@ class Trainer:
         self.grids = []  # sample-grid PNGs written by this process, oldest first
         self.lock = None  # the run dir's RunLock (rank 0), set by the job
         self.gen = torch.Generator(device=self.dev)
-        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.precision == "bf16")
+        self.backend = os.environ.get(COMPILE_BACKEND_ENV)  # tests: compile and bf16 on the CPU too
+        fast = cuda or self.backend is not None
+        self.compile = cfg.train.compile and fast
+        self.autocast = torch.autocast(self.dev.type, torch.bfloat16, enabled=fast and cfg.train.precision == "bf16")
 
     # ----- state -------------------------------------------------------------------------------------
     def load_checkpoint(self) -> None:
@@ -131,51 +145,105 @@ class Trainer:
             return objectives.denoiser_loss(model, x, noise, d.sigma)
         return objectives.classifier_loss(model, self.sched, x, t, noise, y)
 
-    # ----- the run -----------------------------------------------------------------------------------
-    def run(self) -> int:
-        cfg, info = self.cfg, self.info
-        # Wrap the net: memory format, DDP, compilation.
-        model = self.net
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    def forward_loss(self, model, step: int):
+        """Per-sample losses (B,) of this rank's part of step ``step``'s batch, and its timesteps."""
+        torch.manual_seed(mix_seed(self.cfg.train.seed, DROPOUT_STREAM, step, self.info.rank))
+        x, y = self.batcher.batch(step)
+        noise, t, drop = self.draws(step, x.shape)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            return self.loss(model, x, y, noise, t, drop), t
+
+    # ----- wrapping: memory format, DDP, compilation ---------------------------------------------------
+    def wrap(self):
+        """(eager, compiled, error): the net as training calls it, its torch.compile wrapper (None where
+        compilation does not apply or failed), and the one-line error of a failed wrapping."""
+        if self.cfg.train.channels_last:
+            self.net.to(memory_format=torch.channels_last)
             if self.ema is not None:  # same strides as the net, or the foreach EMA update falls back to a loop
                 self.ema.to(memory_format=torch.channels_last)
         if self.dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed for the whole run
-        if info.world_size > 1:
-            # Every parameter gets a gradient every step: a static graph lets DDP skip the unused-parameter
-            # search, and bucket views avoid a gradient copy. BatchNorm running statistics (CS180 nets) are
-            # not broadcast before every forward: training uses batch statistics, and only rank 0's
-            # running statistics are saved and sampled with, so the broadcast would be a wasted collective.
-            model = DistributedDataParallel(model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
-                                            gradient_as_bucket_view=True, static_graph=True, broadcast_buffers=False)
-        if cfg.train.compile and self.dev.type == "cuda":
-            print0(f"torch.compile cache: {use_persistent_cache()} (set TORCHINDUCTOR_CACHE_DIR to change)")
-            model = torch.compile(model)
+        model = self.ddp() if self.info.world_size > 1 else self.net
+        if not self.compile:
+            return model, None, None
+        print0(f"torch.compile cache: {use_persistent_cache(log=print0)} (set TORCHINDUCTOR_CACHE_DIR to change)")
+        try:
+            return model, torch.compile(model, backend=self.backend or "inductor"), None
+        except Exception as e:  # an unknown backend, a broken toolchain: never the end of the run
+            return model, None, _one_line(e)
+
+    def ddp(self) -> DistributedDataParallel:
+        # Every parameter gets a gradient every step: a static graph lets DDP skip the unused-parameter
+        # search, and bucket views avoid a gradient copy. BatchNorm running statistics (CS180 nets) are
+        # not broadcast before every forward: training uses batch statistics, and only rank 0's
+        # running statistics are saved and sampled with, so the broadcast would be a wasted collective.
+        return DistributedDataParallel(self.net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+                                       gradient_as_bucket_view=True, static_graph=True, broadcast_buffers=False)
+
+    def settle_compilation(self, eager, compiled, error):
+        """(model, first): the model to train with, and the losses of this process's first step if the
+        compiled model computed them.
+
+        Compilation happens in the first forward (the backward is compiled there too, so that its errors
+        show before any gradient all-reduce). Ranks exchange their errors before anyone starts a backward:
+        a rank waiting in an all-reduce for a failed peer would hang until the collective timeout. If any
+        rank failed, all drop the compiled model and its forward, restore the BatchNorm statistics that
+        forward updated, and train eagerly with a fresh DDP wrapper (the old one waits for a backward).
+        """
+        buffers = [b.detach().clone() for b in self.net.buffers()]
+        first = None
+        if error is None:
+            try:
+                with _backward_compiled_in_forward():
+                    first = self.forward_loss(compiled, self.step)
+            except Exception as e:  # any compiler or toolchain error
+                error = _one_line(e)  # text only: the traceback would keep the old DDP wrapper alive
+        failed = [(rank, e) for rank, e in enumerate(gather_from_all(error)) if e]
+        if not failed:
+            return compiled, first
+        rank, what = failed[0]
+        print0(f"warning: torch.compile failed on rank {rank} ({what}); all {self.info.world_size} rank(s) train "
+               "without it (slower); set train.compile=false to skip compiling")
+        del first, compiled
+        torch._dynamo.reset()
+        with torch.no_grad():
+            for b, saved in zip(self.net.buffers(), buffers):
+                b.copy_(saved)
+        if isinstance(eager, DistributedDataParallel):
+            del eager
+            gc.collect()  # the old wrapper's gradient hooks must be gone before the new one's first backward
+            eager = self.ddp()
+        return eager, None
+
+    # ----- the run -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, info = self.cfg, self.info
+        if self.compile and self.step < self.total:
+            model, first = self.settle_compilation(*self.wrap())  # the call owns the wrappers (see there)
+        else:
+            model, first = self.wrap()[0], None
         # Initialize logging and the running statistics.
         with writing("metrics.jsonl", self.run_dir / "metrics.jsonl"):
             logger = RunLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if self.resumed else None,
                                tensorboard=cfg.log.tensorboard, log=print0)
-        progress = Progress(self.total, self.step, cfg.log.progress, info.is_main)
         print0(f"{'resuming at step ' + str(self.step) if self.resumed else 'starting'}: {self.total} steps, "
                f"global batch {cfg.train.batch_size} on {info.world_size} x {self.dev}, run dir {self.run_dir}")
+        progress = Progress(self.total, self.step, cfg.log.progress, info.is_main)
         T, check_every = cfg.diffusion.T, (1 if info.world_size == 1 else 10)
         stats = torch.zeros(10, device=self.dev, dtype=torch.float64)  # loss sum, n, 4 bucket sums, 4 counts
         bad = torch.zeros((), device=self.dev, dtype=torch.bool)
         grad_norm = torch.zeros((), device=self.dev)
         t_last, step_last = time.perf_counter(), self.step
         t_start, step_start = t_last, self.step
+        saved_at = time.monotonic()
         with PreemptionHandler() as preempt:
             while self.step < self.total:
                 # One optimizer step.
                 step = self.step
-                torch.manual_seed(mix_seed(cfg.train.seed, DROPOUT_STREAM, step, info.rank))
-                x, y = self.batcher.batch(step)
-                noise, t, drop = self.draws(step, x.shape)
-                if cfg.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with self.autocast:
-                    per_sample = self.loss(model, x, y, noise, t, drop)
+                per_sample, t = first if first is not None else self.forward_loss(model, step)
+                first = None
                 loss = per_sample.mean()
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -183,8 +251,8 @@ class Trainer:
                 if cfg.train.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
                 elif log_now:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters()
-                                                               if p.grad is not None])
+                    grad_norm = torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in self.net.parameters() if p.grad is not None]))
                 lr = lr_at(cfg, step, self.batcher.steps_per_epoch, self.total)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
@@ -200,9 +268,13 @@ class Trainer:
                     stats[2:6].index_add_(0, q, ls)
                     stats[6:10].index_add_(0, q, torch.ones_like(ls))
                 self.step += 1
+                # Ranks agree on a preemption signal and on a time-based checkpoint (any rank's clock).
                 # A signal during the last step needs no requeue: the run finishes and saves anyway.
-                stop = (self.step % check_every == 0 and self.step < self.total
-                        and should_stop(preempt.requested, self.dev))
+                stop = due = False
+                if self.step % check_every == 0 and self.step < self.total:
+                    minutes = cfg.checkpoint.every_minutes
+                    stop, due = any_rank([preempt.requested,
+                                          minutes > 0 and time.monotonic() - saved_at >= 60 * minutes], self.dev)
                 # Log.
                 if log_now or stop:
                     self.check_finite(bad)
@@ -215,7 +287,8 @@ class Trainer:
                     progress.update(self.step, scalars["loss"], ips)
                     stats.zero_()
                     t_last, step_last = now, self.step
-                # Save state: on a preemption signal (then exit), every checkpoint.every steps, at the end.
+                # Save state: on a preemption signal (then exit), every checkpoint.every steps or
+                # checkpoint.every_minutes, at the end.
                 if stop:
                     self.save()
                     progress.close()
@@ -224,9 +297,10 @@ class Trainer:
                     with writing("metrics.jsonl / TensorBoard", self.run_dir):
                         logger.close()
                     return REQUEUE_EXIT_CODE
-                if self.step % cfg.checkpoint.every == 0 or self.step == self.total:
+                if self.step % cfg.checkpoint.every == 0 or self.step == self.total or due:
                     self.check_finite(bad)
                     self.save()
+                    saved_at = time.monotonic()
                 # Sample.
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != self.total:
                     self.write_samples(logger)
@@ -280,3 +354,29 @@ class Trainer:
                                           logger=logger, ema=net is self.ema, clean_batch=clean, log=print0)
             net.train(was_training)
         barrier()
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of an error and of its root cause (dynamo wraps a backend's
+    error into BackendCompilerFailed), at most 300 characters."""
+    def line(e):
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+    root = error
+    while root.__cause__ is not None or getattr(root, "inner_exception", None) is not None:
+        root = root.__cause__ or root.inner_exception
+    return (line(error) if root is error else f"{type(error).__name__} <- {line(root)}")[:300]
+
+
+@contextmanager
+def _backward_compiled_in_forward():
+    """AOTAutograd compiles the backward graph lazily, in the first backward; this makes it compile in
+    the forward, so that a failure there surfaces before any rank enters a gradient all-reduce.
+    (torch versions without the switch compile it lazily.)"""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        yield
+        return
+    with functorch_config.patch(force_non_lazy_backward_lowering=True):
+        yield

@@ -15,8 +15,7 @@ and exit with ``ddpm.errors.REQUEUE_EXIT_CODE`` (75).
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from ddpm.train.dist import any_rank
 
 
 class PreemptionHandler:
@@ -72,8 +71,4 @@ def should_stop(local_flag: bool, device) -> bool:
     """True on every rank if any rank's flag is set (all_reduce MAX when torch.distributed is
     initialised; otherwise the flag itself). Collective: call it on all ranks at the same step.
     device: where the 1-element tensor lives — the rank's CUDA device for NCCL, "cpu" for gloo."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(local_flag)
-    flag = torch.tensor([1 if local_flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank([local_flag], device)[0]

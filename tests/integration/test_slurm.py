@@ -374,6 +374,27 @@ def test_bad_override_fails_fast_with_the_message_first_and_no_requeue(slurm, ti
     assert wait_job(evaluation, tmp_path / "logs" / f"evaluate-{evaluation}.out", timeout=60)[0][1].startswith("CANCELLED")
 
 
+@pytest.mark.slurm
+def test_a_plain_python_in_a_multi_task_batch_script_fails_at_once(slurm, tiny_yaml, tmp_path):
+    """Without srun, a 2-task job's batch script is one process that SLURM's variables call rank 0 of 2:
+    one line at once, instead of waiting train.collective_timeout_s for a peer that never comes."""
+    script = tmp_path / "plain.sh"
+    script.write_text(f"#!/bin/bash\ncd {ROOT}\nexec {sys.executable} -m jobs.train --config {tiny_yaml} "
+                      f"--run-dir {tmp_path / 'run'}\n")
+    r = subprocess.run(["sbatch", "--parsable", *CI_OPTS, "--ntasks=2", f"--output={tmp_path / 'plain.out'}",
+                        str(script)], cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    started = time.monotonic()
+    rows = wait_job(job, tmp_path / "plain.out", timeout=120)
+    assert rows == [(job, "FAILED", "2:0")], log_text(tmp_path / "plain.out")
+    assert time.monotonic() - started < 60
+    lines = (tmp_path / "plain.out").read_text().splitlines()
+    assert lines == [l for l in lines if l.startswith("error: SLURM_NTASKS=2 but this process runs in the job's "
+                                                      "batch script, not in an srun step")] and len(lines) == 1, lines
+    assert not (tmp_path / "run").exists()
+
+
 # ----- 7. faults: a stale lock of its own, a crashed rank, restarts without progress ---------------
 
 @pytest.mark.slurm

@@ -62,7 +62,7 @@ def test_master_port_deterministic_in_range_and_moves_on_restart():
 
 def test_slurm_rendezvous_from_nodelist_and_job_id(clean_env):
     env = dict(SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[07-08]",
-               SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2")
+               SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2", SLURM_STEP_ID="0")
     rank, world, local, rdv = ddist._launch_info(env)
     assert (rank, world, local) == (3, 8, 1)
     assert rdv == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port(4242, 2))}
@@ -157,3 +157,95 @@ def test_two_process_gloo_group_over_slurm_variables(tmp_path, capfd):
         assert res["means"] == {"a": 0.5, "b": 5.0}
         assert res["tensor"] == [0.5, 1.0]
     assert capfd.readouterr().out.count("printed once") == 1
+
+
+# ----- ranks find their GPU, or say why at once -------------------------------------------------------
+@pytest.mark.parametrize("local_rank, visible, local_world, index", [
+    (0, 4, 4, 0), (1, 4, 4, 1), (3, 4, 4, 3),   # --gpus-per-node=4, 4 tasks: one GPU each
+    (1, 4, 2, 1),                                # 2 tasks on a 4-GPU node
+    (0, 1, 4, 0), (3, 1, 4, 0),                  # --gpus-per-task=1: each task sees its own GPU as cuda:0
+    (2, 4, None, 2),                             # unknown tasks per node
+])
+def test_local_device_index(local_rank, visible, local_world, index):
+    assert ddist.local_device_index(local_rank, visible, local_world) == index
+
+
+@pytest.mark.parametrize("local_rank, visible, local_world", [(2, 2, 4), (0, 2, 4), (5, 4, None)])
+def test_more_tasks_than_gpus_on_a_node_is_refused_at_once(local_rank, visible, local_world):
+    with pytest.raises(UserError, match=r"share \d visible GPUs.*one GPU per task"):
+        ddist.local_device_index(local_rank, visible, local_world)
+
+
+@pytest.fixture
+def four_fake_gpus(clean_env):
+    """torch.cuda reports 4 GPUs; set_device and init_process_group record their arguments."""
+    calls = {}
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: int(os.environ.get("FAKE_GPUS", "4")))
+    clean_env.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    clean_env.setattr(dist, "is_initialized", lambda: False)
+    clean_env.setattr(dist, "init_process_group", lambda *a, **kw: calls.update(init=(a, kw)))
+    return calls
+
+
+def test_slurm_task_takes_its_gpu_and_binds_the_process_group_to_it(four_fake_gpus, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    env = dict(SLURM_PROCID="6", SLURM_NTASKS="8", SLURM_LOCALID="2", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="8",
+               SLURM_STEP_TASKS_PER_NODE="4(x2)", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_ID="7")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    info = init_distributed("auto")
+    assert info.device == torch.device("cuda", 2) and four_fake_gpus["set_device"] == 2
+    args, kw = four_fake_gpus["init"]
+    assert args == ("nccl",) and kw["device_id"] == torch.device("cuda", 2)
+    assert (kw["rank"], kw["world_size"]) == (6, 8)
+
+
+def test_one_gpu_bound_per_task(four_fake_gpus, monkeypatch):
+    for k, v in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", LOCAL_WORLD_SIZE="4", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500", FAKE_GPUS="1").items():
+        monkeypatch.setenv(k, v)
+    assert init_distributed("auto").device == torch.device("cuda", 0)
+    assert four_fake_gpus["init"][1]["device_id"] == torch.device("cuda", 0)
+
+
+def test_four_tasks_on_two_gpus_fail_before_the_rendezvous(four_fake_gpus, monkeypatch):
+    for k, v in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="0", LOCAL_WORLD_SIZE="4", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500", FAKE_GPUS="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match="4 tasks on this node share 2 visible GPUs"):
+        init_distributed("auto")
+    assert "init" not in four_fake_gpus
+
+
+def test_gloo_on_cpu_gets_no_device_id(four_fake_gpus, monkeypatch):
+    for k, v in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    init_distributed("cpu")
+    args, kw = four_fake_gpus["init"]
+    assert args == ("gloo",) and kw["device_id"] is None
+
+
+# What SLURM 22.05 sets (read off slurm-ci): a batch script has SLURM_PROCID and SLURM_NTASKS but no
+# SLURM_STEP_ID; srun sets SLURM_STEP_ID, SLURM_STEP_NUM_TASKS and SLURM_TASK_PID (the task's own pid), and
+# with --pty SLURM_PTY_PORT.
+BATCH = dict(SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_LOCALID="0", SLURM_JOB_NODELIST="n1", SLURM_JOB_ID="5",
+             SLURM_TASK_PID="100")
+STEP = dict(BATCH, SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="4")
+
+
+@pytest.mark.parametrize("env, message", [
+    (BATCH, "runs in the job's batch script, not in an srun step: its 3 peers would never come"),
+    (dict(STEP, SLURM_PTY_PORT="40000"), "shell of an interactive 'srun -n4 --pty' step"),
+    (dict(STEP, SLURM_STEP_NUM_TASKS="1"), "this srun step has 1 task"),
+])
+def test_a_process_whose_peers_never_come_fails_at_once(env, message):
+    with pytest.raises(UserError, match=message) as e:
+        ddist._launch_info(env, pid=200)
+    assert "srun python -m" in str(e.value) and "torchrun --nproc_per_node=4" in str(e.value)
+
+
+def test_srun_tasks_pass_the_launch_checks():
+    assert ddist._launch_info(STEP, pid=200)[:3] == (0, 4, 0)  # a task started through a shell wrapper
+    assert ddist._launch_info(dict(STEP, SLURM_PTY_PORT="40000"), pid=100)[:3] == (0, 4, 0)  # srun --pty python
