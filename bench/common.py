@@ -1,4 +1,4 @@
-"""What both benchmarks share: CLI flags, honest timing, peak memory, FLOPs per image, MFU, the table.
+"""What the benchmarks share: CLI flags, honest timing, peak memory, FLOPs per image, MFU, the tables.
 
 Timing: every timed region starts and ends with ``torch.cuda.synchronize`` (on CUDA), comes after a
 warm-up (which holds any compilation), and the reported figure is the median over repeats.
@@ -6,6 +6,7 @@ FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one forward (+ backward) 
 ``meta`` device, so counting even the 35.7 M-parameter CIFAR net costs no compute. It counts matrix
 products, convolutions and attention (2 FLOPs per multiply-add); elementwise work, norms and the
 optimizer are not counted, as is usual for MFU.
+Tables: :mod:`bench.tables` (each row printed and streamed to $DDPM_BENCH_RESULTS as it is measured).
 """
 import argparse
 import contextlib
@@ -15,10 +16,12 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from bench.tables import Table, markdown
 
 # Dense peak TFLOP/s by device-name pattern: (bf16 tensor cores, fp32 without tensor cores).
 # H100 SXM5 and H200 share the GH100 compute die and clocks; the PCIe H100 has fewer SMs and lower clocks.
@@ -30,6 +33,9 @@ def parse_args(prog: str, description: str, extra=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="smoke sizes: tiny nets, batches and step counts")
+    p.add_argument("--check", action="store_true",
+                   help="the selection of bench/gpu_check.sh: only the rows it reports, fewer steps and repeats "
+                        "(minutes on one GPU); with --quick at smoke sizes")
     p.add_argument("--which", default="mnist,cifar", metavar="SECTIONS", help="comma-separated sections: mnist, cifar")
     p.add_argument("--repeats", type=int, default=None, metavar="N", help="timed repeats per row (median is reported)")
     p.add_argument("--peak-tflops", default=None, metavar="BF16,FP32",
@@ -74,7 +80,8 @@ def header(title: str, args, peaks: dict | None) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {title}")
     print(f"device: {device_name(args.device)} | torch {torch.__version__} | {now}"
-          f"{' | QUICK (smoke sizes, not comparable numbers)' if args.quick else ''}")
+          f"{' | QUICK (smoke sizes, not comparable numbers)' if args.quick else ''}"
+          f"{' | CHECK (fewer steps, repeats and rows)' if getattr(args, 'check', False) else ''}")
     if peaks:
         print(f"MFU peaks: bf16 {peaks['bf16']:g} TFLOP/s, fp32 {peaks['fp32']:g} TFLOP/s (dense; fp32 rows may run "
               "convolutions on TF32 tensor cores, so their MFU can read high)")
@@ -177,40 +184,38 @@ def fmt_rate(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def print_table(rows: list[Row], sampling: bool = False) -> None:
-    """One table; ratios are against the first baseline row of each section, measured in this run."""
-    cols = ["section", "row", "config"] + (["s/batch"] if sampling else []) + ["images/s", "vs baseline",
-                                                                              "peak memory", "MFU", "note"]
-    base = {}
-    lines = []
-    for r in rows:
-        if r.section not in base and r.baseline and r.images_per_s:
-            base[r.section] = r.images_per_s
-        b = base.get(r.section)
-        ratio = f"{r.images_per_s / b:.2f}x" if (r.images_per_s and b) else "-"
-        cells = [r.section, r.name, r.config] + ([f"{r.seconds:.3f}" if r.seconds else "-"] if sampling else [])
-        cells += [fmt_rate(r.images_per_s), ratio, r.memory or "-", r.mfu, r.note]
-        lines.append(cells)
-    print_markdown(cols, lines)
+class RowTable(Table):
+    """The speed tables of Row objects; ratios are against the first baseline row of each section, measured
+    in this run (it comes first, so a row's ratio is known when it is printed)."""
+
+    def __init__(self, title: str, sampling: bool = False):
+        super().__init__(title, ["section", "row", "config"] + (["s/batch"] if sampling else [])
+                         + ["images/s", "vs baseline", "peak memory", "MFU", "note"])
+        self.sampling, self.base, self.failed = sampling, {}, False
+
+    def add_row(self, r: Row) -> None:
+        if r.section not in self.base and r.baseline and r.images_per_s:
+            self.base[r.section] = r.images_per_s
+        b = self.base.get(r.section)
+        ratio = r.images_per_s / b if (r.images_per_s and b) else None
+        cells = [r.section, r.name, r.config] + ([f"{r.seconds:.3f}" if r.seconds else "-"] if self.sampling else [])
+        cells += [fmt_rate(r.images_per_s), f"{ratio:.2f}x" if ratio else "-", r.memory or "-", r.mfu, r.note]
+        self.failed |= r.failed
+        self.add(cells, {**asdict(r), "vs_baseline": ratio})
 
 
 def print_markdown(cols: list[str], lines: list[list]) -> None:
     """A Markdown table with aligned columns (pastes into docs/PERFORMANCE.md as is)."""
-    widths = [max(len(str(c)) for c in col) for col in zip(cols, *lines)]
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for cells in lines:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |")
+    print("\n".join(markdown(cols, lines)))
 
 
-def run_row(rows: list[Row], row: Row, fn) -> None:
-    """Fill ``row`` with fn(row); a failure becomes a note in the table (and a non-zero exit later)."""
+def run_row(table: RowTable, row: Row, fn) -> None:
+    """Fill ``row`` with fn(row) and add it; a failure becomes a note in the table (and a non-zero exit later)."""
     try:
         fn(row)
     except Exception as e:  # one broken row must not hide the others
         row.failed, row.note = True, f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
-    rows.append(row)
-    print(f"  done: {row.section} / {row.name}" + (f" ({row.note})" if row.failed else ""), flush=True)
+    table.add_row(row)
 
 
 def diffusers_status() -> tuple[str | None, str]:
@@ -222,19 +227,24 @@ def diffusers_status() -> tuple[str | None, str]:
     return diffusers.__version__, ""
 
 
-def diffusers_rows(rows: list[Row], section: str, dev, name: str, config, fill) -> None:
+def diffusers_rows(table: RowTable, section: str, dev, name: str, config, fill, check: bool = False) -> None:
     """The diffusers rows of a section: "baseline: NAME" in fp32, then NAME with bf16 autocast (CUDA only).
 
     config(bf16) → the config cell; fill(row, bf16, version) measures. Without diffusers, or bf16 on the
-    CPU, the row says why it was skipped.
+    CPU, the row says why it was skipped. ``check`` (bench/gpu_check.sh): only the bf16 row on CUDA, as
+    the baseline (its fp32 row on a CPU).
     """
     version, why = diffusers_status()
-    base_name = f"baseline: {name}"
-    if version is None:
-        rows.append(Row(section, base_name, config(False), note=f"skipped: {why}"))
-        return
-    run_row(rows, Row(section, base_name, config(False), baseline=True), lambda row: fill(row, False, version))
-    if dev.type != "cuda":
-        rows.append(Row(section, name, config(True), note="skipped: bf16 autocast is benchmarked on CUDA only"))
-        return
-    run_row(rows, Row(section, name, config(True)), lambda row: fill(row, True, version))
+    wanted = [dev.type == "cuda"] if check else [False, True]
+    for bf16 in wanted:
+        row = Row(section, name if bf16 and not check else f"baseline: {name}", config(bf16),
+                  baseline=bf16 == wanted[0])
+        if version is None:
+            row.note = f"skipped: {why}"
+            table.add_row(row)
+            return
+        if bf16 and dev.type != "cuda":
+            row.note = "skipped: bf16 autocast is benchmarked on CUDA only"
+            table.add_row(row)
+            continue
+        run_row(table, row, lambda row, bf16=bf16: fill(row, bf16, version))

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a file: python bench/mnist_end_to_end.py
 import torch
 
 from bench import common, course_recipe
+from bench.tables import Table
 from ddpm.config import load_config
 from ddpm.evaluate.feature_cnn import default_classifier_path
 from ddpm.nets.loading import clean_state_dict
@@ -171,55 +172,54 @@ def main() -> int:
     sz = sizes(args.quick)
 
     common.header("ddpm-hpc MNIST end to end: time to a trained model and its sample quality", args, None)
+    table = Table("MNIST end to end", ["row", "config", "wall s", "images/s", "speed-up", "peak memory",
+                                       f"accuracy γ={GAMMA:g}", f"feature-FID γ={GAMMA:g}", "note"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep).resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         cache = work / "cache"
-        results = [measure(args, sz, "baseline: course recipe", work / "course", lambda d: train_course(args, sz, d))]
-        ours = measure(args, sz, "ours: jobs.train configs/mnist.yaml", work / "ours",
-                       lambda d: train_ours(args, sz, d, cache))
-        results.append(ours)
-        if ours[1].get("compiled"):
-            results.append(measure(args, sz, "ours: same, warm compile cache", work / "ours-warm",
-                                   lambda d: train_ours(args, sz, d, cache)))
-        print_results(results)
+        course = measure(args, sz, table, "baseline: course recipe", work / "course",
+                         lambda d: train_course(args, sz, d))
+        ours = measure(args, sz, table, "ours: jobs.train configs/mnist.yaml", work / "ours",
+                       lambda d: train_ours(args, sz, d, cache), course)
+        results = [course, ours]
+        if ours.get("compiled"):
+            results.append(measure(args, sz, table, "ours: same, warm compile cache", work / "ours-warm",
+                                   lambda d: train_ours(args, sz, d, cache), course))
+        print()
+        table.print_final()
+        print("\nwall s: baseline from its DataLoader to its last step (in process); ours from process start to exit "
+              "(imports, data, compilation, checkpoints, sample grid). Targets (issue 7): ours <= 25 s with accuracy "
+              "and feature-FID at least as good as the baseline's.")
         if args.keep:
             print(f"runs and logs kept in {work}")
-    return 1 if any("failed" in r for _, r in results) else 0
+    return 1 if any("failed" in r for r in results) else 0
 
 
-def measure(args, sz, name: str, run_dir: Path, train) -> tuple[str, dict]:
-    """(name, results) of train(run_dir) and its quality; a failure becomes {'failed': why}."""
+def fmt3(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def measure(args, sz, table, name: str, run_dir: Path, train, baseline: dict | None = None) -> dict:
+    """Results of train(run_dir) and its quality, added to ``table`` at once (speed-up against ``baseline``,
+    the course row; None: this is it); a failure becomes {'failed': why}."""
     try:
         r = train(run_dir)
         print(f"  trained: {name} in {r['wall']:.1f} s", flush=True)
         r.update(quality(args, sz, run_dir))
-        print(f"  evaluated: {name}: accuracy {r['accuracy']:.3f}, feature-FID {r['fid']:.3f}", flush=True)
     except Exception as e:  # one broken row must not hide the others
         r = {"failed": f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:200]}"}
-        print(f"  {name}: {r['failed']}", flush=True)
-    return name, r
-
-
-def print_results(results) -> None:
-    base = results[0][1].get("wall")
-    cols = ["row", "config", "wall s", "images/s", "speed-up", "peak memory", f"accuracy γ={GAMMA:g}",
-            f"feature-FID γ={GAMMA:g}", "note"]
-    lines = []
-    for name, r in results:
-        if "failed" in r:
-            lines.append([name, "-", "-", "-", "-", "-", "-", "-", r["failed"]])
-            continue
-        speed = f"{base / r['wall']:.2f}x" if base else "-"
-        fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
-        lines.append([name, r["config"], f"{r['wall']:.1f}", common.fmt_rate(r["images"] / r["wall"]), speed,
-                      r["memory"], fmt(r["accuracy"]), fmt(r["fid"]),
-                      f"{r['n']} samples, {r['sampler']['name']} {r['sampler']['steps']} steps"])
-    print()
-    common.print_markdown(cols, lines)
-    print("\nwall s: baseline from its DataLoader to its last step (in process); ours from process start to exit "
-          "(imports, data, compilation, checkpoints, sample grid). Targets (issue 7): ours <= 25 s with accuracy "
-          "and feature-FID at least as good as the baseline's.")
+    if "failed" in r:
+        table.add([name, "-", "-", "-", "-", "-", "-", "-", r["failed"]], {"failed": r["failed"]})
+        return r
+    base = (baseline or r).get("wall")
+    speed = base / r["wall"] if base else None
+    table.add([name, r["config"], f"{r['wall']:.1f}", common.fmt_rate(r["images"] / r["wall"]),
+               f"{speed:.2f}x" if speed else "-", r["memory"], fmt3(r["accuracy"]), fmt3(r["fid"]),
+               f"{r['n']} samples, {r['sampler']['name']} {r['sampler']['steps']} steps"],
+              dict(wall_s=r["wall"], images_per_s=r["images"] / r["wall"], speedup=speed, memory=r["memory"],
+                   accuracy=r["accuracy"], feature_fid=r["fid"], n=r["n"], config=r["config"]))
+    return r
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
     python -m bench.sample_job [--device cpu|cuda] [--processes P] [--num N] [--data-root data] [--quick]
 
-Both rows run the same request on the same run (configs/mnist.yaml trained for a few steps: the speed does
-not depend on the weights): DDIM with 50 steps, γ=5, shards of min(250, N / 2P) samples.
+Both rows run the same request on the same run (configs/mnist.yaml trained eagerly for a few steps: the
+speed does not depend on the weights): DDIM with 50 steps, γ=5, shards of min(250, N / 2P) samples.
 - baseline: ``python -m jobs.sample RUN --num N`` (one process; on a CPU it uses every core)
 - ours: ``torchrun --nproc_per_node P -m jobs.sample RUN --num-samples N`` (P ranks; on a CPU one thread
-  each, on CUDA one GPU each)
+  each, on CUDA one GPU each); left out when P is 1 (one GPU, or --processes 1): one row, and a line saying
+  that the second needs two devices
 Wall time runs from process start to exit (imports and model loading included); the outputs of the two
 rows are compared bit for bit (on a CPU).
 --quick: D=8 net, 60 samples of DDIM-5: checks the paths, its numbers mean nothing.
@@ -28,6 +29,7 @@ import torch
 
 from bench import common
 from bench.quality import run_job
+from bench.tables import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +54,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--processes", type=int, metavar="P",
-                   help="ranks of the second row (default: the GPU count on CUDA, the core count on a CPU)")
+                   help="ranks of the second row (default: the GPU count on CUDA, the core count on a CPU; "
+                        "1: the first row only)")
     p.add_argument("--num", type=int, metavar="N", help="samples per request (default: 2000 on CUDA, 200 on a CPU; "
                                                         "--quick 60)")
     p.add_argument("--data-root", default="data", metavar="DIR", help="torchvision root holding MNIST/raw")
@@ -66,39 +69,54 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0))
     procs = args.processes or (torch.cuda.device_count() if args.device == "cuda" else cores)
     num = args.num or (60 if args.quick else 2000 if args.device == "cuda" else 200)
-    if procs < 2 or num < procs:
-        p.error(f"--processes must be >= 2 and --num >= --processes; got {procs}, {num}")
+    if procs < 1 or num < procs:
+        p.error(f"--processes must be >= 1 and --num >= --processes; got {procs}, {num}")
     common.header("ddpm-hpc jobs.sample: one process vs several on the same request",
                   argparse.Namespace(device=torch.device(args.device), quick=args.quick), None)
     steps = "5" if args.quick else "50"
     batch = min(250, max(1, num // (2 * procs)))  # at least two shards per rank, so every rank works
+    print(f"request: {num} samples, ddim {steps} steps, γ=5, shards of {batch}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run = work / "run"
+        # Eager training: its weights do not matter here, and a compile would only add tens of seconds on CUDA.
         run_job([sys.executable, "-m", "jobs.train", "--config", str(ROOT / "configs" / "mnist.yaml"),
                  f"data.root={Path(args.data_root).resolve()}", f"train.device={args.device}", "train.steps=4",
-                 "log.progress=lines", "log.tensorboard=false", "sample.sampler=ddim", "sample.steps=5",
-                 "sample.per_class=1", *(["model.hidden=8"] if args.quick else []), "--run-dir", str(run)],
-                work / "train.log")
-        request = ["--sampler", "ddim", "--steps", steps, "--guidance", "5", "--convention", "gamma", "--batch", str(batch),
-                   "--device", args.device]
+                 "train.compile=false", "log.progress=lines", "log.tensorboard=false", "sample.sampler=ddim",
+                 "sample.steps=5", "sample.per_class=1", *(["model.hidden=8"] if args.quick else []),
+                 "--run-dir", str(run)], work / "train.log")
+        request = ["--sampler", "ddim", "--steps", steps, "--guidance", "5", "--convention", "gamma",
+                   "--batch", str(batch), "--device", args.device]
+        table = Table("jobs.sample", ["row", "processes", "wall s", "samples/s (wall)", "rank 0 samples/s",
+                                             "speed-up (wall)"])
         one = timed_job([sys.executable, "-m", "jobs.sample", str(run), "--num-samples", str(num), *request,
                          "--out", "one"], work / "one.log")
-        many = timed_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                          "-m", "jobs.sample", str(run), "--num-samples", str(num), *request, "--out", "many"],
-                         work / "many.log", threads=None if args.device == "cuda" else max(1, cores // procs))
-        from ddpm.run.samples import read_samples
-        a, _, _ = read_samples(run / "samples" / "one.h5", "samples")
-        b, _, _ = read_samples(run / "samples" / "many.h5", "samples")
-        same = "identical" if np.array_equal(a, b) else "differ (expected only on CUDA)"
-    print(f"request: {num} samples, ddim {steps} steps, γ=5, shards of {batch}; outputs of the two rows: {same}\n")
-    cols = ["row", "processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)"]
-    lines = [["baseline: python -m jobs.sample", 1, f"{one[0]:.1f}", f"{num / one[0]:.1f}", common.fmt_rate(one[1]),
-              "1.00x"],
-             [f"ours: torchrun x {procs}", procs, f"{many[0]:.1f}", f"{num / many[0]:.1f}", common.fmt_rate(many[1]),
-              f"{one[0] / many[0]:.2f}x"]]
-    common.print_markdown(cols, lines)
+        add_row(table, "baseline: python -m jobs.sample", 1, num, one, one)
+        if procs == 1:
+            print(f"the second row (torchrun over P processes) needs at least 2 "
+                  f"{'GPUs' if args.device == 'cuda' else 'cores'}; this machine gives 1")
+        else:
+            many = timed_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              str(procs), "-m", "jobs.sample", str(run), "--num-samples", str(num), *request,
+                              "--out", "many"], work / "many.log",
+                             threads=None if args.device == "cuda" else max(1, cores // procs))
+            add_row(table, f"ours: torchrun x {procs}", procs, num, many, one)
+            from ddpm.run.samples import read_samples
+            a, _, _ = read_samples(run / "samples" / "one.h5", "samples")
+            b, _, _ = read_samples(run / "samples" / "many.h5", "samples")
+            same = "identical" if np.array_equal(a, b) else "differ (expected only on CUDA)"
+            print(f"outputs of the two rows: {same}")
+    print()
+    table.print_final()
     return 0
+
+
+def add_row(table, name: str, procs: int, num: int, measured: tuple, baseline: tuple) -> None:
+    """One row: measured and baseline are timed_job's (wall seconds, rank 0's samples/s)."""
+    wall, rank0 = measured
+    table.add([name, procs, f"{wall:.1f}", f"{num / wall:.1f}", common.fmt_rate(rank0), f"{baseline[0] / wall:.2f}x"],
+              dict(processes=procs, samples=num, wall_s=wall, samples_per_s=num / wall, rank0_samples_per_s=rank0,
+                   speedup=baseline[0] / wall))
 
 
 if __name__ == "__main__":

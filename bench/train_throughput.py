@@ -1,7 +1,7 @@
 """Training throughput in one table: the course recipe and diffusers against ddpm-hpc's own Trainer.
 
-    python -m bench.train_throughput [--device cuda|cpu] [--quick] [--which mnist,cifar] [--data-root data]
-                                     [--ablations] [--repeats N] [--peak-tflops BF16,FP32]
+    python -m bench.train_throughput [--device cuda|cpu] [--quick] [--check] [--which mnist,cifar]
+                                     [--data-root data] [--ablations] [--repeats N] [--peak-tflops BF16,FP32]
 
 MNIST: (a) the CS180 course recipe (bench/course_recipe.py: DataLoader over torchvision MNIST, batch 128,
 fp32) against (b) ``ddpm.train.loop.Trainer`` running configs/mnist.yaml (GPU-resident data, batch 512,
@@ -15,6 +15,9 @@ metrics.jsonl (the loop syncs with the host only at log steps): the first interv
 and warm-up, the median of the others is the steady state. Checkpoint writes and the end-of-run sample
 grid are switched off (they are not training steps). MNIST needs the real data set in DATA_ROOT/MNIST/raw
 (python -m jobs.prepare_data --dataset mnist --root data).
+--check (bench/gpu_check.sh, minutes on one GPU): the same nets and batches, fewer steps and repeats, and
+only the rows that answer the targets: MNIST course recipe vs ours; CIFAR diffusers bf16 vs ours at batch
+128 (two cold compiles instead of three).
 """
 import io
 import statistics
@@ -40,13 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST_TRAIN_IMAGES = 60_000
 
 
-def sizes(quick: bool) -> dict:
+def sizes(quick: bool, check: bool) -> dict:
     if quick:  # smoke sizes for a 2-core CPU: every code path, seconds in all
-        return dict(hidden=16, course_batch=32, ours_batch=32, warmup=1, steps=2, repeats=1, every=2, intervals=1,
-                    cifar_base=32, cifar_batches=(2, 4))
-    # ours_batch None: the config's own batch (512 on a GPU, its on_cpu batch on a CPU).
-    return dict(hidden=64, course_batch=128, ours_batch=None, warmup=10, steps=50, repeats=5, every=50, intervals=5,
-                cifar_base=128, cifar_batches=(128, 512))
+        sz = dict(hidden=16, course_batch=32, ours_batch=32, warmup=1, steps=2, repeats=1, every=2, intervals=1,
+                  cifar_base=32, cifar_batches=(2, 4))
+    else:  # ours_batch None: the config's own batch (512 on a GPU, its on_cpu batch on a CPU).
+        sz = dict(hidden=64, course_batch=128, ours_batch=None, warmup=10, steps=50, repeats=5, every=50,
+                  intervals=5, cifar_base=128, cifar_batches=(128, 512))
+    if check:  # each timed span still lasts some hundred milliseconds on an H100 (an estimate)
+        sz.update(cifar_batches=sz["cifar_batches"][:1])
+        if not quick:
+            sz.update(warmup=5, steps=30, repeats=2, every=20, intervals=2)
+    return sz
 
 
 def steps_per_second(step, next_batch, device, warmup, steps, repeats) -> float:
@@ -68,7 +76,7 @@ def run_trainer(config, overrides, device, sz, images=None, labels=None) -> dict
         "log.sample_every=0", f"checkpoint.every={10 ** 9}", f"train.device={device.type}"])
     common.reset_peak_memory(device)
     with common.cold_compile(device), tempfile.TemporaryDirectory() as tmp, redirect_stdout(io.StringIO()):
-        trainer = Trainer(cfg, Path(tmp), DistInfo(0, 1, 0, device, None), images, labels)
+        trainer = Trainer(cfg, Path(tmp), DistInfo(0, 1, 0, device, None), images=images, labels=labels)
         trainer.save = lambda: None  # measure training steps, not checkpoint I/O
         trainer.write_samples = lambda logger: None  # nor the end-of-run sample grid
         trainer.run()
@@ -93,7 +101,7 @@ def precision_label(cfg, device) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- MNIST
-def mnist_rows(args, sz, peaks, rows) -> None:
+def mnist_rows(args, sz, peaks, table) -> None:
     dev, D = args.device, sz["hidden"]
     flops = common.flops_per_image(lambda: build_net("cs180_class_unet", hidden=D), (1, 28, 28))
     section = "MNIST train"
@@ -110,7 +118,7 @@ def mnist_rows(args, sz, peaks, rows) -> None:
         row.note = f"20 epochs ≈ {20 * MNIST_TRAIN_IMAGES / row.images_per_s:.0f} s"
 
     config = f"D={D} b{sz['course_batch']} fp32, DataLoader+ToTensor"
-    common.run_row(rows, Row(section, "baseline: course recipe", config, baseline=True), course)
+    common.run_row(table, Row(section, "baseline: course recipe", config, baseline=True), course)
 
     variants = [("ours: Trainer, configs/mnist.yaml", [])]
     if args.ablations and dev.type == "cuda":
@@ -143,11 +151,11 @@ def mnist_rows(args, sz, peaks, rows) -> None:
             row.note = (f"{warmup_label(dev)} {r['first_extra']:.1f} s; "
                         f"20 epochs ≈ {20 * epoch_s + max(r['first_extra'], 0):.0f} s incl. it")
 
-        common.run_row(rows, Row(section, name, ""), ours)
+        common.run_row(table, Row(section, name, ""), ours)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
-def cifar_rows(args, sz, peaks, rows) -> None:
+def cifar_rows(args, sz, peaks, table) -> None:
     dev, base = args.device, sz["cifar_base"]
     section = "CIFAR train"
     b0 = sz["cifar_batches"][0]
@@ -176,8 +184,9 @@ def cifar_rows(args, sz, peaks, rows) -> None:
         row.mfu = common.mfu(flops * row.images_per_s, "bf16" if bf16 else "fp32", peaks)
         row.note = f"diffusers {version}, {flops / 1e9:.1f} GFLOP/img"
 
-    common.diffusers_rows(rows, section, dev, "diffusers UNet2DModel",
-                          lambda bf16: f"base={base} b{b0} {'bf16 autocast' if bf16 else 'fp32'}", diffusers_row)
+    common.diffusers_rows(table, section, dev, "diffusers UNet2DModel",
+                          lambda bf16: f"base={base} b{b0} {'bf16 autocast' if bf16 else 'fp32'}", diffusers_row,
+                          check=args.check)
 
     flops = common.flops_per_image(lambda: build_net("cifar_unet", base=base), (3, 32, 32))
     for batch in sz["cifar_batches"]:
@@ -190,7 +199,7 @@ def cifar_rows(args, sz, peaks, rows) -> None:
             row.mfu = common.mfu(flops * r["ips"], precision, peaks)
             row.note = f"{warmup_label(dev)} {r['first_extra']:.1f} s; {flops / 1e9:.1f} GFLOP/img"
 
-        common.run_row(rows, Row(section, "ours: Trainer, configs/cifar10.yaml", ""), ours)
+        common.run_row(table, Row(section, "ours: Trainer, configs/cifar10.yaml", ""), ours)
 
 
 def print_flop_reference() -> None:
@@ -215,7 +224,7 @@ def main() -> int:
 
     args = common.parse_args("python -m bench.train_throughput",
                              "Training throughput: course recipe / diffusers vs the ddpm-hpc Trainer.", extra)
-    sz = sizes(args.quick)
+    sz = sizes(args.quick, args.check)
     if args.repeats:
         sz["repeats"] = args.repeats
     if "mnist" in args.which and not (Path(args.data_root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
@@ -225,14 +234,14 @@ def main() -> int:
     peaks = common.peak_tflops(args.device, args.peak_tflops)
     common.header("ddpm-hpc training throughput", args, peaks)
     print_flop_reference()
-    rows: list[Row] = []
+    table = common.RowTable("training throughput")
     if "mnist" in args.which:
-        mnist_rows(args, sz, peaks, rows)
+        mnist_rows(args, sz, peaks, table)
     if "cifar" in args.which:
-        cifar_rows(args, sz, peaks, rows)
+        cifar_rows(args, sz, peaks, table)
     print()
-    common.print_table(rows)
-    return 1 if any(r.failed for r in rows) else 0
+    table.print_final()
+    return 1 if table.failed else 0
 
 
 if __name__ == "__main__":

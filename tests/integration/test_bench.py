@@ -1,9 +1,12 @@
-"""Smoke test of the benchmarks: every script runs end to end on the CPU at --quick sizes (no timing checks)."""
+"""Smoke test of the benchmarks: every script runs end to end on the CPU at --quick sizes (no timing checks), and
+streams each row of its table into $DDPM_BENCH_RESULTS the moment it is measured."""
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from bench.tables import read_rows
 
 from conftest import ROOT, python_env
 
@@ -15,6 +18,8 @@ COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU")
            "sample_job": ("processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)")}
 
 ROWS = {"quality": ("| recipe", "| quickstart"), "cifar_quality": ("| training images", "| trained", "| untrained")}
+STREAMED = {"train_throughput": "training throughput", "sampling": "sampling speed",
+            "mnist_end_to_end": "MNIST end to end"}  # bench → the title of its streamed table
 
 
 def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path):
@@ -29,8 +34,9 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
                     "--classifier", str(untrained_classifier), "--keep", str(tmp_path / "quality")],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
-    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True) for name, cmd in commands.items()}
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(DDPM_BENCH_RESULTS=tmp_path / f"{name}.jsonl"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, cmd in commands.items()}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"bench {name} failed:\n{out}"
@@ -39,6 +45,12 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
             assert column in header, f"bench {name}: column {column!r} missing from {header!r}"
         assert all(row in out for row in ROWS.get(name, ("| baseline", "| ours"))), out
         assert f"torch {torch.__version__}" in out and "FAILED" not in out
+        # Every row streamed as measured: the same cells as the final table's (its last lines), in its order.
+        rows = read_rows(tmp_path / f"{name}.jsonl")
+        assert {(r["bench"], r["table"]) for r in rows} == ({(name, STREAMED[name])} if name in STREAMED else set())
+        if rows:
+            final = [line for line in out.splitlines() if line.startswith("| ")][-len(rows):]
+            assert [[c.strip() for c in line[2:-2].split(" | ")] for line in final] == [r["cells"] for r in rows]
     # The end-to-end runs are real run dirs, evaluated by the evaluation job.
     for run in ("course", "ours"):
         assert list((tmp_path / "e2e" / run).glob("eval/step_*/metrics.json")), run
@@ -70,6 +82,19 @@ def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert marker.read_text() == "keep me" and len(list((tmp_path / "kept").iterdir())) == 1
+
+
+def test_sample_job_bench_with_one_process(mnist_root, tmp_path):
+    """One device (one GPU, here --processes 1) is a normal machine: the one-process row, a line saying that the
+    second needs two, exit 0; the row also lands in $DDPM_BENCH_RESULTS, machine-readable."""
+    r = subprocess.run([sys.executable, "-m", "bench.sample_job", "--device", "cpu", "--quick", "--processes", "1",
+                        "--data-root", str(mnist_root)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=python_env(DDPM_BENCH_RESULTS=tmp_path / "rows.jsonl"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| baseline: python -m jobs.sample" in r.stdout and "| ours" not in r.stdout
+    assert "the second row (torchrun over P processes) needs at least 2 cores" in r.stdout
+    (row,) = read_rows(tmp_path / "rows.jsonl")
+    assert row["table"] == "jobs.sample" and row["values"]["processes"] == 1 and row["values"]["samples_per_s"] > 0
 
 
 @pytest.mark.slow  # half a minute; its 1-vs-2-process equality is also tests/integration/test_sample.py's
