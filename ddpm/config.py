@@ -29,7 +29,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    objective: str = "eps"              # eps | x0 | v | rectified_flow | denoiser | classifier
+    objective: str = "eps"              # eps | x0 | v | rectified_flow | denoiser | classifier (ddpm.diffusion.objectives)
     schedule: str = "linear"            # linear | cosine | quadratic
     T: int = 1000
     beta_start: float = 1e-4
@@ -79,7 +79,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddpm"               # ddpm | ddim | euler | heun
+    sampler: str = "ddpm"               # ddpm | ddim | euler | heun (ddpm.diffusion.from_config.SAMPLERS)
     steps: int = 0                      # DDIM / flow steps; 0 = T for ddpm, 50 for ddim, 100 for flows
     guidance: list = field(default_factory=lambda: [1.0])  # scales for the sample grids
     convention: str = "gamma"           # gamma | w  (see ddpm.diffusion.samplers.to_gamma)
@@ -87,6 +87,7 @@ class SampleConfig:
     ema: bool = True
     seed: int = 1234
     clip_x0: bool = False               # clip the predicted x0 to [-1, 1] at every ddpm/ddim step (Ho et al.)
+    eta: float = 0.0                    # DDIM's stochasticity: 0 deterministic, 1 as DDPM (Song et al., eq. 16)
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,12 @@ class Config:
 
 CHOICES = {
     "data.dataset": tuple(DATASETS),
-    "diffusion.objective": ("eps", "x0", "v", "rectified_flow", "denoiser", "classifier"),
     "diffusion.schedule": ("linear", "cosine", "quadratic"),
     "train.optimizer": ("adam", "adamw"),
     "train.lr_schedule": ("constant", "exponential", "multistep", "cosine"),
     "train.precision": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "log.progress": ("auto", "bar", "lines", "none"),
-    "sample.sampler": ("ddpm", "ddim", "euler", "heun"),
     "sample.convention": ("gamma", "w"),
 }
 # key -> (low, high, low inclusive); None means unbounded.
@@ -135,7 +134,7 @@ RANGES = {
     "log.every": (1, None, True), "log.sample_every": (0, None, True), "checkpoint.every": (1, None, True),
     "checkpoint.every_minutes": (0, None, True),
     "checkpoint.keep_last": (1, None, True), "checkpoint.keep_every": (0, None, True),
-    "sample.steps": (0, None, True), "sample.per_class": (1, None, True),
+    "sample.steps": (0, None, True), "sample.per_class": (1, None, True), "sample.eta": (0, 1, True),
 }
 # List keys whose elements must be numbers: key -> fixed length (None: any length).
 LIST_ITEMS = {"sample.guidance": (None, "[1.0, 5.0]"), "train.betas": (2, "[0.9, 0.999]"),
@@ -368,20 +367,29 @@ def _check_combinations(cfg: Config) -> None:
         raise UserError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     if t.lr_schedule == "multistep" and not t.lr_milestones:
         raise UserError("train.lr_schedule=multistep needs train.lr_milestones (epochs), e.g. [6, 8]")
-    conditional = bool(cfg.model.get("num_classes", 0)) and d.objective != "classifier"
+    from ddpm.diffusion.from_config import SAMPLERS  # imported lazily: torch is slow to import
+    from ddpm.diffusion.objectives import OBJECTIVES
+
+    if s.sampler not in SAMPLERS:
+        raise UserError(f"sample.sampler must be one of {', '.join(SAMPLERS)}, got '{s.sampler}'")
+
+    if d.objective not in OBJECTIVES:
+        raise UserError(f"diffusion.objective must be one of {', '.join(OBJECTIVES)}, got '{d.objective}'")
+    obj = OBJECTIVES[d.objective]
+    conditional = bool(cfg.model.get("num_classes", 0)) and obj.kind == "generative"
     if not conditional and s.guidance != [1.0] and s.guidance:
         raise UserError(f"sample.guidance={s.guidance} needs a class-conditional model (model.num_classes > 0); "
                         "set sample.guidance=[1.0]")
     if s.steps > d.T and s.sampler in ("ddpm", "ddim"):
         raise UserError(f"sample.steps={s.steps} exceeds diffusion.T={d.T}")
-    flows = d.objective == "rectified_flow"
-    if flows != (s.sampler in ("euler", "heun")) and d.objective not in ("denoiser", "classifier"):
-        want = "euler or heun" if flows else "ddpm or ddim"
-        raise UserError(f"sample.sampler={s.sampler} does not fit diffusion.objective={d.objective}; use {want}")
+    if obj.kind == "generative" and s.sampler not in obj.samplers:
+        raise UserError(f"sample.sampler={s.sampler} does not fit diffusion.objective={d.objective}; "
+                        f"use {' or '.join(obj.samplers)}")
+    if s.eta > 0 and s.sampler != "ddim":
+        raise UserError(f"sample.eta={s.eta:g} is DDIM's; set sample.sampler=ddim or sample.eta=0")
     arch = cfg.model["arch"]
-    needs = {"denoiser": "cs180_denoiser", "classifier": "noisy_classifier"}.get(d.objective)
-    if needs and arch != needs:
-        raise UserError(f"diffusion.objective={d.objective} trains model.arch={needs}, got {arch}")
-    if not needs and arch in ("cs180_denoiser", "noisy_classifier"):
-        raise UserError(f"model.arch={arch} needs diffusion.objective="
-                        f"{'denoiser' if arch == 'cs180_denoiser' else 'classifier'}")
+    if obj.arch and arch != obj.arch:
+        raise UserError(f"diffusion.objective={d.objective} trains model.arch={obj.arch}, got {arch}")
+    needs = [o for o in OBJECTIVES.values() if o.arch == arch]
+    if needs and not obj.arch:
+        raise UserError(f"model.arch={arch} needs diffusion.objective={needs[0].name}")

@@ -38,7 +38,7 @@ def parse_args(argv=None):
                    help="use the EMA weights (default: sample.ema of the config)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling noise (default: sample.seed)")
     p.add_argument("--batch", type=int, default=250, metavar="B", help="samples per shard and sampler call "
-                   "(default: 250; part of the request: changing it changes the samples of stochastic samplers)")
+                   "(default: 250; memory, not the samples: sample i is the same for any B)")
     p.add_argument("--out", metavar="NAME", help="output name under RUN_DIR/samples/ (default: from the settings)")
     p.add_argument("--npz", metavar="PATH", help="also write the samples as an npz (arr_0, arr_1); must not exist")
     p.add_argument("--png-dir", metavar="DIR", help="also write one PNG per sample (000000.png, ...) into DIR")

@@ -13,15 +13,16 @@ import pytest
 
 from conftest import ROOT, python_env
 
-# What each part may import (besides itself). The config validates against the data-set table and the
-# net registry, so it sits above ``data`` and ``nets``; ``diffusion`` reads a config only through its
-# attributes. Training and evaluation are siblings that never import each other.
+# What each part may import (besides itself). The config validates against the data-set table, the
+# net registry and the objectives (which samplers and nets fit each), so it sits above ``data``, ``nets``
+# and ``diffusion``; ``diffusion`` reads a config only through its attributes. Training and evaluation are
+# siblings that never import each other.
 BELOW = {
     "errors": set(),
     "data": {"errors"},
     "nets": {"errors"},
     "diffusion": {"errors", "data"},
-    "config": {"errors", "data", "nets"},
+    "config": {"errors", "data", "nets", "diffusion"},
     "run": {"errors", "config", "data", "nets"},
     "train": {"errors", "config", "data", "nets", "diffusion", "run"},
     "evaluate": {"errors", "config", "data", "nets", "diffusion", "run"},

@@ -12,7 +12,7 @@ _MASK64 = (1 << 64) - 1
 # One id per random stream of a run, so that no two streams ever share a seed.
 PERM_STREAM, FLIP_STREAM = 1, 2                        # this batcher: epoch permutations, flips
 NOISE_STREAM, DROPOUT_STREAM, INIT_STREAM = 3, 4, 5    # the training loop: noise/t/label drop, dropout, weights
-SAMPLE_STREAM, SHARD_STREAM = 6, 7                      # jobs.sample: each sample's x_T, each shard's sampler noise
+SAMPLE_STREAM, STEP_STREAM = 6, 7                       # sampling: each sample's x_T, each sample's per-step noise
 
 
 def mix_seed(*values: int) -> int:

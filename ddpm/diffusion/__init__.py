@@ -3,9 +3,13 @@
 Public surface (import from the modules):
 
 - ``ddpm.diffusion.schedule``: ``NoiseSchedule`` (linear, cosine, quadratic; every per-step quantity in float64)
-- ``ddpm.diffusion.objectives``: ``q_sample``, the eps/x0/v, rectified-flow, denoiser and noisy-classifier losses
-- ``ddpm.diffusion.samplers``: DDPM, DDIM, Euler/Heun flow sampling, classifier-free and classifier guidance,
-  slerp interpolation (one call signature: ``eps_model(x, t, y)``, a shape, labels, a generator)
-- ``ddpm.diffusion.from_config``: a config's net → samples (``generate``, ``schedule_for``, ``effective_steps``)
-- ``ddpm.diffusion.compiled``: the persistent torch.compile cache, compiled CUDA sampling
+- ``ddpm.diffusion.objectives``: ``OBJECTIVES`` (eps, x0, v, rectified flow, one-step denoiser, noisy classifier:
+  one class each with ``draw``, ``loss``, ``bucket``, ``denoiser``), ``q_sample``
+- ``ddpm.diffusion.samplers``: DDPM, DDIM, Euler and Heun flow sampling in one call shape
+  (``sample_X(model, x, steps, labels, *, noise, callback)``), ``StepNoise``, classifier-free and classifier
+  guidance, slerp
+- ``ddpm.diffusion.from_config``: a config → ``objective_for``, ``sampling_for`` (a ``Sampling``), ``generate``
+  (sample i a function of (seed, i)), ``schedule_for``
+- ``ddpm.diffusion.compiled``: the persistent torch.compile cache and its worker bound, ``ieee_fp32``, compiled
+  CUDA sampling
 """

@@ -1,29 +1,40 @@
-"""A trained net plus a config → samples: objective conversion, guidance, sampler choice.
+"""A config → its objective, its sampling choice, and samples: used by the training job (sample grids),
+the evaluation and ``jobs.sample``, so all three sample the same way.
 
-Used by the training job (sample grids) and by the evaluation job, so both sample the same way. ``cfg``
-is a :class:`ddpm.config.Config` (read only through its attributes: this layer sits below the config).
+Sample i of a request with seed s is a pure function of (s, i) and the :class:`Sampling` choice: its
+starting noise comes from ``mix_seed(s, SAMPLE_STREAM, i)`` and a stochastic sampler's noise at step k
+from ``mix_seed(mix_seed(s, STEP_STREAM, i), k)``, whatever batch, chunk, shard or rank it is made in.
+``cfg`` is a :class:`ddpm.config.Config`, read only through its attributes (this layer sits below it).
 """
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
+from ddpm.data.batcher import SAMPLE_STREAM, STEP_STREAM, mix_seed
 from ddpm.data.datasets import DATASETS
-from ddpm.diffusion.objectives import eps_from_prediction
+from ddpm.diffusion.objectives import OBJECTIVES, Objective
 from ddpm.diffusion.samplers import (
+    StepNoise,
     classifier_free_guidance,
+    ddim_timesteps,
+    flow_times,
     sample_ddim,
     sample_ddpm,
-    sample_flow,
+    sample_euler,
+    sample_heun,
 )
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.errors import UserError
 
+SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 DEFAULT_STEPS = {"ddim": 50, "euler": 100, "heun": 50}
+EVALUATIONS_PER_STEP = {"heun": 2}  # network evaluations per step where not 1 (a CFG pair in one batch counts once)
 
 
-def effective_steps(cfg, sampler: str | None = None, steps: int | None = None) -> int:
-    """The number of sampler steps actually run (config value 0 means the sampler's default; ddpm runs T)."""
-    sampler = sampler or cfg.sample.sampler
-    steps = steps or cfg.sample.steps
-    return steps or (cfg.diffusion.T if sampler == "ddpm" else DEFAULT_STEPS[sampler])
+def network_evaluations(sampler: str, steps: int) -> int:
+    """Network evaluations of a sampler run (the cost that steps-vs-quality tables compare)."""
+    return steps * EVALUATIONS_PER_STEP.get(sampler, 1)
 
 
 def schedule_for(cfg) -> NoiseSchedule:
@@ -31,57 +42,103 @@ def schedule_for(cfg) -> NoiseSchedule:
     return NoiseSchedule.make(d.schedule, d.T, d.beta_start, d.beta_end)
 
 
-def eps_model_for(net, sched: NoiseSchedule, objective: str, device):
-    """A callable ``(x, t, y) -> eps`` (or velocity for rectified flow) for a net trained on ``objective``."""
-    if objective in ("eps", "rectified_flow"):
-        return net
-    if objective in ("x0", "v"):
-        s = sched.to(device, torch.float32)
-        return lambda x, t, y: eps_from_prediction(s, objective, x, t, net(x, t, y).float())
-    raise UserError(f"models trained with diffusion.objective={objective} do not generate samples")
+def objective_for(cfg) -> Objective:
+    """The run's objective (see :mod:`ddpm.diffusion.objectives`), built from ``cfg.diffusion`` and the net's classes."""
+    d = cfg.diffusion
+    return OBJECTIVES[d.objective](schedule=schedule_for(cfg), sigma=d.sigma,
+                                   num_classes=cfg.model.get("num_classes", 0))
 
 
-def generate(net, cfg, labels, *, n: int | None = None, seed: int, guidance: float = 1.0, convention: str = "gamma",
-             sampler: str | None = None, steps: int | None = None, device="cpu", x_T=None, capture=None,
-             model=None, clip_x0: bool | None = None):
-    """Sample images (B, C, H, W) in about [-1, 1] for ``labels`` (LongTensor (B,), or None with ``n``).
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: with a seed and sample indices it determines every sample.
 
-    ``guidance`` is ignored for unconditional nets only when it is the neutral value (gamma 1 / w 0);
-    otherwise an unconditional net raises a UserError. ``model``: the net's ``(x, t, y) -> eps`` callable
-    to use instead of :func:`eps_model_for` (e.g. compiled once with
-    :func:`ddpm.diffusion.compiled.compile_for_sampling`); guidance is applied around it, so one compiled
-    model serves every scale. ``clip_x0`` (default: ``sample.clip_x0``) clips the predicted clean image to
-    [-1, 1] at every DDPM / DDIM step, as the DDPM paper's sampler does: it keeps an undertrained net's
-    samples from saturating (flows ignore it). Returns x, or (x, trajectory) with ``capture``.
+    sampler: ddpm | ddim | euler | heun; steps: what it runs (ddpm: T); guidance: the scale in
+    ``convention`` (gamma | w; ignored by unconditional nets); clip_x0: clip the predicted clean image to
+    [-1, 1] at every DDPM/DDIM step (the DDPM paper's sampler); eta: DDIM's stochasticity (0: deterministic).
     """
-    sampler = sampler or cfg.sample.sampler
-    steps = effective_steps(cfg, sampler, steps)
-    sched = schedule_for(cfg)
-    model = eps_model_for(net, sched, cfg.diffusion.objective, device) if model is None else model
-    if labels is not None and getattr(net, "num_classes", 0):
-        model = classifier_free_guidance(model, guidance, convention, num_classes=net.num_classes)
-    else:
-        if guidance != (1.0 if convention == "gamma" else 0.0):
-            classifier_free_guidance(net, guidance, convention)  # raises the UserError for unconditional nets
-        labels = None
-    n = labels.shape[0] if labels is not None else (x_T.shape[0] if x_T is not None else n)
+    sampler: str
+    steps: int
+    guidance: float = 1.0
+    convention: str = "gamma"
+    clip_x0: bool = False
+    eta: float = 0.0
+
+    def describe(self) -> str:
+        """e.g. "ddim 50 steps, x0 clipped" (the guidance is named where it is shown)."""
+        clip = ", x0 clipped" if self.clip_x0 and self.sampler in ("ddpm", "ddim") else ""
+        eta = f", eta {self.eta:g}" if self.sampler == "ddim" and self.eta else ""
+        return f"{self.sampler} {self.steps} steps{clip}{eta}"
+
+
+def sampling_for(cfg, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                 convention: str | None = None, clip_x0: bool | None = None, eta: float | None = None) -> Sampling:
+    """The config's sampling choice (``cfg.sample``) with the given fields replaced; UserError if the
+    sampler does not fit the objective or the steps do not fit the sampler. steps None or 0: the
+    sampler's default (ddpm: all T)."""
+    s, T = cfg.sample, cfg.diffusion.T
+    sampler = sampler or s.sampler
+    fits = OBJECTIVES[cfg.diffusion.objective].samplers
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}")
+    if sampler not in fits:
+        raise UserError(f"sampler {sampler} does not fit diffusion.objective={cfg.diffusion.objective}; "
+                        + (f"use {' or '.join(fits)}" if fits else "this run does not generate samples"))
+    steps = steps or (s.steps if sampler == s.sampler else 0) or (T if sampler == "ddpm" else DEFAULT_STEPS[sampler])
+    if sampler == "ddpm" and steps != T:
+        raise UserError(f"the ddpm sampler always runs all T={T} steps; use sampler ddim for {steps} steps")
+    if sampler == "ddim" and not 1 <= steps <= T:
+        raise UserError(f"DDIM steps must be in [1, T={T}], got {steps}")
+    convention = convention or s.convention
+    neutral = 1.0 if convention == "gamma" else 0.0
+    return Sampling(sampler, int(steps), float(neutral if guidance is None else guidance), convention,
+                    s.clip_x0 if clip_x0 is None else clip_x0, s.eta if eta is None else eta)
+
+
+def image_shape(cfg) -> tuple:
+    """One sample's (C, H, W)."""
     facts = DATASETS[cfg.data.dataset]
-    shape = (n, facts["channels"], facts["size"], facts["size"])
-    gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(generator=gen, x_T=x_T, capture=capture, device=device)
-    if labels is not None:
+    return facts["channels"], facts["size"], facts["size"]
+
+
+def start_noise(seed: int, indices: Sequence[int], shape) -> torch.Tensor:
+    """The starting noise (N, C, H, W) of samples ``indices`` of a request with ``seed`` (on the CPU)."""
+    g = torch.Generator()
+    return torch.stack([torch.randn(shape, generator=g.manual_seed(mix_seed(seed, SAMPLE_STREAM, i))) for i in indices])
+
+
+def generate(model, cfg, spec: Sampling, labels=None, *, seed: int, indices: Sequence[int] | None = None,
+             device="cpu", x: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+    """Samples (B, C, H, W) on ``device``, in about [-1, 1], of ``model`` (the objective's denoiser, e.g.
+    ``objective_for(cfg).denoiser(net)``, compiled or not) for ``labels`` (LongTensor (B,), or None).
+
+    Sample b is sample ``indices[b]`` of the request with ``seed`` (default indices: 0 .. B-1, with B from
+    ``labels`` or ``x``). ``x`` replaces the starting noise (interpolation). Classifier-free guidance at
+    ``spec.guidance`` wraps the model when the net is class-conditional and labels are given; an
+    unconditional net refuses a guidance scale other than the neutral one. ``callback``: see
+    :mod:`ddpm.diffusion.samplers`.
+    """
+    num_classes = cfg.model.get("num_classes", 0)
+    neutral = 1.0 if spec.convention == "gamma" else 0.0
+    if not num_classes and spec.guidance != neutral:
+        classifier_free_guidance(model, spec.guidance, spec.convention, num_classes=0)  # the UserError
+    if indices is None:
+        indices = range(len(labels) if labels is not None else len(x))
+    shape = image_shape(cfg)
+    x = (start_noise(seed, indices, shape) if x is None else x).to(device)
+    if labels is not None and num_classes:
+        model = classifier_free_guidance(model, spec.guidance, spec.convention, num_classes=num_classes)
         labels = labels.to(device)
-    clip = cfg.sample.clip_x0 if clip_x0 is None else clip_x0
-    if sampler == "ddpm":
-        if steps != sched.T:
-            raise UserError(f"the ddpm sampler always runs all T={sched.T} steps; use sampler ddim for {steps} steps")
+    else:
+        labels = None
+    noise = StepNoise([mix_seed(seed, STEP_STREAM, i) for i in indices], shape, device)
+    T = cfg.diffusion.T
+    if spec.sampler == "ddpm":
         # Clipping needs the x0 form of the DDPM step (the same step when nothing is clipped).
-        return sample_ddpm(model, sched, shape, labels, form="x0" if clip else "eps", clip_x0=clip, **kw)
-    if sampler == "ddim":
-        return sample_ddim(model, sched, shape, labels, steps=steps, clip_x0=clip, **kw)
-    if sampler in ("euler", "heun"):
-        if cfg.diffusion.objective != "rectified_flow":
-            raise UserError(f"sampler {sampler} integrates rectified-flow models; this one was trained with "
-                            f"objective {cfg.diffusion.objective}, use ddpm or ddim")
-        return sample_flow(model, shape, labels, steps=steps, method=sampler, **kw)
-    raise UserError(f"unknown sampler '{sampler}'; choose one of: ddpm, ddim, euler, heun")
+        return sample_ddpm(model, x, range(T - 1, -1, -1), labels, schedule=schedule_for(cfg), noise=noise,
+                           form="x0" if spec.clip_x0 else "eps", clip_x0=spec.clip_x0, callback=callback)
+    if spec.sampler == "ddim":
+        return sample_ddim(model, x, ddim_timesteps(T, spec.steps), labels, schedule=schedule_for(cfg), noise=noise,
+                           eta=spec.eta, clip_x0=spec.clip_x0, callback=callback)
+    flow = sample_euler if spec.sampler == "euler" else sample_heun
+    return flow(model, x, flow_times(spec.steps), labels, callback=callback)

@@ -1,45 +1,41 @@
-"""Forward process and training objectives.
+"""Training objectives, one class each: how training draws noise levels, the per-sample loss, and the
+model a sampler integrates. Nothing outside ``ddpm.diffusion`` asks for an objective's name; the training
+loop, the sample grids, the evaluation and the config check ask the object
+(:func:`ddpm.diffusion.from_config.objective_for` builds it once from a config).
 
-Every objective returns a per-sample loss of shape (B,) so the caller can average it, weight it or
-log it by timestep bucket. Randomness (t, noise, label-drop mask) is passed in, never drawn here: the
-training loop draws it as a pure function of (seed, step) so a resumed run repeats it exactly.
+    obj = objective_for(cfg)
+    t = obj.draw(generator, B, device)                 # noise levels of a batch
+    per_sample = obj.loss(net, x0, y, noise, t, drop)  # (B,) float32
+    q = obj.bucket(t)                                  # loss by noise-level quartile, LongTensor (B,) in [0, 4)
+    model = obj.denoiser(net)                          # (x, t, y) -> eps or velocity, for the samplers
 
-Objectives:
-- ``eps``: the net predicts the added noise (Ho et al. 2020).
-- ``x0``: the net predicts the clean image.
-- ``v``: the net predicts ``v = sqrt(ab) eps - sqrt(1 - ab) x0`` (Salimans & Ho 2022).
-- ``rectified_flow``: ``x_t = (1 - t) x0 + t eps`` with float t in [0, 1]; target ``eps - x0``.
-- ``denoiser``: one-step denoiser at a fixed sigma: the net maps ``x0 + sigma eps`` to x0 (no t).
-- ``classifier``: a noisy classifier ``p(y | x_t, t)`` for classifier guidance (cross-entropy).
+Randomness (noise, t, label-drop mask) is passed in, never drawn here except through the caller's
+generator: the training loop draws it as a pure function of (seed, step) so a resumed run repeats it.
+Adding an objective is one class here (registered with ``@objective``) plus its tests.
 """
 import torch
 import torch.nn.functional as F
 
 from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.errors import UserError
 
-OBJECTIVES = ("eps", "x0", "v", "rectified_flow", "denoiser", "classifier")
-PREDICTIONS = ("eps", "x0", "v")  # objectives whose net output can be turned into an eps prediction
+OBJECTIVES: dict = {}  # name -> class, in the order of registration (the config's list of choices)
+
+
+def objective(name: str):
+    """Class decorator: register an :class:`Objective` under ``name`` (``diffusion.objective`` in configs)."""
+    def register(cls):
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+    return register
 
 
 def q_sample(sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Sample ``x_t ~ q(x_t | x_0)``. x0, noise: (B, C, H, W); t: LongTensor (B,) in [0, T)."""
-    a = NoiseSchedule.gather(sched.sqrt_alpha_bars, t, x0.ndim)
-    s = NoiseSchedule.gather(sched.sqrt_one_minus_alpha_bars, t, x0.ndim)
-    return a * x0 + s * noise
-
-
-def eps_from_prediction(sched: NoiseSchedule, prediction: str, x_t: torch.Tensor, t: torch.Tensor,
-                        out: torch.Tensor) -> torch.Tensor:
-    """Convert a net output of kind ``prediction`` (eps, x0 or v) at (x_t, t) into an eps prediction."""
-    if prediction == "eps":
-        return out
-    a = NoiseSchedule.gather(sched.sqrt_alpha_bars, t, x_t.ndim)
-    s = NoiseSchedule.gather(sched.sqrt_one_minus_alpha_bars, t, x_t.ndim)
-    if prediction == "x0":
-        return (x_t - a * out) / s
-    if prediction == "v":
-        return s * x_t + a * out
-    raise ValueError(f"unknown prediction '{prediction}'; choose one of: {', '.join(PREDICTIONS)}")
+    """``x_t ~ q(x_t | x_0)`` (Ho et al. 2020, eq. 4). x0, noise: (B, C, H, W); t: LongTensor (B,) in [0, T)."""
+    s = sched.to(x0.device, torch.float32)
+    return NoiseSchedule.gather(s.sqrt_alpha_bars, t, x0.ndim) * x0 + \
+        NoiseSchedule.gather(s.sqrt_one_minus_alpha_bars, t, x0.ndim) * noise
 
 
 def drop_labels(y: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -51,39 +47,135 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def diffusion_loss(net, sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   y: torch.Tensor | None = None, prediction: str = "eps") -> torch.Tensor:
-    """Per-sample MSE (B,) of an eps-, x0- or v-predicting net on ``x_t = q_sample(x0, t, noise)``."""
-    x_t = q_sample(sched, x0, t, noise)
-    out = net(x_t, t, y)
-    if prediction == "eps":
-        target = noise
-    elif prediction == "x0":
-        target = x0
-    elif prediction == "v":
-        a = NoiseSchedule.gather(sched.sqrt_alpha_bars, t, x0.ndim)
-        s = NoiseSchedule.gather(sched.sqrt_one_minus_alpha_bars, t, x0.ndim)
-        target = a * noise - s * x0
-    else:
-        raise ValueError(f"unknown prediction '{prediction}'; choose one of: {', '.join(PREDICTIONS)}")
-    return _mse(out, target)
+class Objective:
+    """What every objective answers. ``schedule``: the run's NoiseSchedule (float64); ``sigma``: the
+    one-step denoiser's noise level; ``num_classes``: the net's classes (0: unconditional)."""
+    name = ""
+    kind = "generative"              # generative | denoiser | classifier: what an evaluation can do with a run
+    samplers = ("ddpm", "ddim")      # the samplers that integrate its denoiser
+    arch: str | None = None          # the one net architecture it trains, if any
+    quartiles = True                 # loss/q0..q3 by noise level (False: a single noise level)
+
+    def __init__(self, *, schedule: NoiseSchedule | None = None, sigma: float = 0.5, num_classes: int = 0):
+        self.schedule, self.sigma, self.num_classes = schedule, sigma, num_classes
+
+    def draw(self, gen: torch.Generator, n: int, device) -> torch.Tensor:
+        """Noise levels of n training samples: timesteps, LongTensor (n,) in [0, T) (flows: floats)."""
+        return torch.randint(0, self.schedule.T, (n,), generator=gen, device=device)
+
+    def bucket(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise-level quartile of each sample, LongTensor (B,) in [0, 4)."""
+        return (t * 4 // self.schedule.T).clamp(max=3)
+
+    def labels(self, y: torch.Tensor, drop: torch.Tensor):
+        """The net's class input: y with the dropped labels set to the null class; None if unconditional."""
+        return drop_labels(y, drop, self.num_classes) if self.num_classes else None
+
+    def loss(self, net, x0, y, noise, t, drop) -> torch.Tensor:
+        """Per-sample loss (B,) float32 of ``net`` on clean images x0 (B, C, H, W) with labels y (B,)."""
+        raise NotImplementedError
+
+    def denoiser(self, net):
+        """``(x, t, y) -> eps`` (flows: velocity) of a trained net, the model the samplers integrate."""
+        raise UserError(f"models trained with diffusion.objective={self.name} do not generate samples")
 
 
-def rectified_flow_loss(net, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                        y: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample MSE (B,) of the velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``; t: float (B,) in [0, 1]."""
-    tt = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    x_t = (1 - tt) * x0 + tt * noise
-    return _mse(net(x_t, t, y), noise - x0)
+class _Prediction(Objective):
+    """Diffusion on the discrete schedule with an MSE on one of three equivalent targets."""
+
+    def target(self, x0, noise, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_eps(self, x_t, t, out) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, net, x0, y, noise, t, drop):
+        return _mse(net(q_sample(self.schedule, x0, t, noise), t, self.labels(y, drop)), self.target(x0, noise, t))
+
+    def denoiser(self, net):
+        return lambda x, t, y: self.to_eps(x, t, net(x, t, y).float())
+
+    def _coefs(self, t, like):
+        s = self.schedule.to(like.device, torch.float32)
+        return (NoiseSchedule.gather(s.sqrt_alpha_bars, t, like.ndim),
+                NoiseSchedule.gather(s.sqrt_one_minus_alpha_bars, t, like.ndim))
 
 
-def denoiser_loss(net, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-sample MSE (B,) of a one-step denoiser mapping ``x0 + sigma * noise`` back to x0."""
-    return _mse(net(x0 + sigma * noise), x0)
+@objective("eps")
+class EpsPrediction(_Prediction):
+    """The net predicts the added noise (Ho et al. 2020, eq. 14: the simplified loss)."""
+
+    def target(self, x0, noise, t):
+        return noise
+
+    def to_eps(self, x_t, t, out):
+        return out
+
+    def denoiser(self, net):
+        return net
 
 
-def classifier_loss(net, sched: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                    y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy (B,) of a noisy classifier on ``x_t = q_sample(x0, t, noise)``."""
-    logits = net(q_sample(sched, x0, t, noise), t)
-    return F.cross_entropy(logits.float(), y, reduction="none")
+@objective("x0")
+class X0Prediction(_Prediction):
+    """The net predicts the clean image; eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)."""
+
+    def target(self, x0, noise, t):
+        return x0
+
+    def to_eps(self, x_t, t, out):
+        a, s = self._coefs(t, x_t)
+        return (x_t - a * out) / s
+
+
+@objective("v")
+class VPrediction(_Prediction):
+    """The net predicts ``v = sqrt(ab) eps - sqrt(1 - ab) x0`` (Salimans & Ho 2022, section 4);
+    eps = sqrt(1 - ab) x_t + sqrt(ab) v."""
+
+    def target(self, x0, noise, t):
+        a, s = self._coefs(t, x0)
+        return a * noise - s * x0
+
+    def to_eps(self, x_t, t, out):
+        a, s = self._coefs(t, x_t)
+        return s * x_t + a * out
+
+
+@objective("rectified_flow")
+class RectifiedFlow(Objective):
+    """``x_t = (1 - t) x0 + t eps`` with float t in [0, 1], target velocity ``eps - x0`` (Liu et al. 2023,
+    eq. 1); the net's output is the velocity the flow samplers integrate."""
+    samplers = ("euler", "heun")
+
+    def draw(self, gen, n, device):
+        return torch.rand(n, generator=gen, device=device)
+
+    def bucket(self, t):
+        return (t * 4).long().clamp(max=3)
+
+    def loss(self, net, x0, y, noise, t, drop):
+        tt = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return _mse(net((1 - tt) * x0 + tt * noise, t, self.labels(y, drop)), noise - x0)
+
+    def denoiser(self, net):
+        return net
+
+
+@objective("denoiser")
+class OneStepDenoiser(Objective):
+    """A one-step denoiser at a fixed noise level (CS180 part 1): the net maps ``x0 + sigma eps`` to x0."""
+    kind, samplers, arch, quartiles = "denoiser", (), "cs180_denoiser", False
+
+    def loss(self, net, x0, y, noise, t, drop):
+        return _mse(net(x0 + self.sigma * noise), x0)
+
+
+@objective("classifier")
+class NoisyClassifier(Objective):
+    """A noisy classifier ``p(y | x_t, t)`` for classifier guidance (Dhariwal & Nichol 2021, section 4):
+    cross-entropy on q_sample(x0, t) with the true labels (no label dropout)."""
+    kind, samplers, arch = "classifier", (), "noisy_classifier"
+
+    def loss(self, net, x0, y, noise, t, drop):
+        logits = net(q_sample(self.schedule, x0, t, noise), t)
+        return F.cross_entropy(logits.float(), y, reduction="none")

@@ -1,14 +1,25 @@
-"""Samplers: DDPM ancestral (two algebraic forms), DDIM, Euler/Heun for rectified flow; guidance wrappers.
+"""Samplers and guidance, all of one call shape (k-diffusion's):
 
-Every sampler takes any callable ``eps_model(x, t, y)`` (a net, a guidance wrapper, or an analytic
-model in tests), a shape (B, C, H, W), labels ``y`` (LongTensor (B,)) or None, and a
-``torch.Generator`` that decides every random draw, and runs under ``torch.inference_mode()``.
-Per-step scalars come from the float64 schedule on the host as Python floats, so the loop issues no
-device-to-host syncs. With ``capture`` (a collection of timesteps) a sampler also returns a dict
-``{t: (x_t, x0_hat)}`` of CPU tensors for figures and GIFs.
+    x0 = sample_X(model, x, steps, labels, *, noise=None, callback=None, ...)
+
+- ``model(x, t, y)``: the objective's denoiser (:meth:`ddpm.diffusion.objectives.Objective.denoiser`), an
+  eps prediction for DDPM/DDIM and a velocity for the flow samplers, possibly wrapped by a guidance
+  function below; any callable of that shape works (the closed-form models of the tests).
+- ``x`` (B, C, H, W): the starting noise. The caller draws it, so that sample i depends on its own noise
+  only (:func:`ddpm.diffusion.from_config.start_noise`).
+- ``steps``: what the sampler visits: timesteps in [0, T), descending (DDPM, DDIM), or flow times from 1
+  to 0 (Euler, Heun).
+- ``labels``: LongTensor (B,) or None.
+- ``noise``: the per-step noise of a stochastic sampler, a :class:`StepNoise`: sample i's noise at step k
+  is a function of (its seed, k), never of the batch it happens to share.
+- ``callback(step, t, x, x0)``: called before every update with the step index, the timestep or time,
+  the current x and the predicted clean image (figures, GIFs); it must not modify them.
+
+Every sampler runs under ``torch.inference_mode()`` and returns the final x (B, C, H, W). Per-step scalars
+come from the float64 schedule on the host as Python floats, so the loop issues no device-to-host syncs.
 """
 import math
-from typing import Callable, Collection
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +28,67 @@ from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.errors import UserError
 
 CONVENTIONS = ("gamma", "w")
-EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+class StepNoise:
+    """The per-step noise of a batch: row i at step k is ``N(0, I)`` of shape ``shape`` (one sample's
+    (C, H, W)), a pure function of (``seeds[i]``, k): the same on any device and in any batch.
+
+    Counter-based, so that a step costs a few vectorised integer operations instead of one generator per
+    sample: a row's key is a 32-bit hash (Wellons' lowbias32) of its 63-bit seed and the step; every
+    pair of values comes from two uniforms, hashes of that key and the pair's index, by the Box-Muller
+    transform (float64, then float32). With 32-bit uniforms the normals reach 6.6 standard deviations.
+    Consecutive steps are made together, up to BLOCK values: about 20 ms per million values on the CPU.
+    """
+
+    BLOCK = 1 << 20  # values made at once: several steps together (few kernel launches), bounded memory
+
+    def __init__(self, seeds: Sequence[int], shape, device):
+        self.shape, self.device = tuple(shape), torch.device(device)
+        seeds = torch.tensor([int(s) & _U63 for s in seeds], dtype=torch.int64)
+        self.lo, self.hi = (seeds & _U32).to(self.device), (seeds >> 32).to(self.device)
+        n = math.prod(self.shape)
+        self.pairs = (n + 1) // 2  # Box-Muller turns two uniforms into two normals
+        self.elements = _hash32(torch.arange(2 * self.pairs, dtype=torch.int64, device=self.device))
+        self.span = max(1, self.BLOCK // max(1, len(seeds) * n))  # steps per block
+        self.block, self.first = None, None
+
+    def __call__(self, k: int) -> torch.Tensor:
+        if self.block is None or not self.first <= k < self.first + len(self.block):
+            self.first = k - k % self.span
+            self.block = self._draw(range(self.first, self.first + self.span))
+        return self.block[k - self.first]
+
+    def _draw(self, steps: range) -> torch.Tensor:
+        """(len(steps), B, *shape) float32."""
+        k = _hash32(torch.tensor([s & _U32 for s in steps], dtype=torch.int64, device=self.device))
+        row = _hash32(self.lo[None, :] ^ _hash32(self.hi[None, :] ^ k[:, None]))       # (S, B)
+        bits = _hash32(row[:, :, None] ^ self.elements)                             # (S, B, 2 pairs)
+        u = (bits.double() + 0.5) / 2 ** 32
+        r, theta = torch.sqrt(-2 * torch.log(u[..., :self.pairs])), 2 * math.pi * u[..., self.pairs:]
+        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], -1)[..., :math.prod(self.shape)]  # Box & Muller 1958
+        return z.float().reshape(len(steps), -1, *self.shape)
+
+
+_U32, _U63 = (1 << 32) - 1, (1 << 63) - 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow (c split into 16-bit halves)."""
+    return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & _U32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 integer hash of int64 values in [0, 2**32) (non-negative: shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+# ----- guidance ----------------------------------------------------------------------------------
 def to_gamma(scale: float, convention: str) -> float:
     """Guidance scale in the gamma convention. gamma: ``e_u + g (e_c - e_u)``; w: ``(1 + w) e_c - w e_u``."""
     if convention == "gamma":
@@ -29,9 +98,9 @@ def to_gamma(scale: float, convention: str) -> float:
     raise UserError(f"unknown guidance convention '{convention}'; choose one of: {', '.join(CONVENTIONS)}")
 
 
-def classifier_free_guidance(model, scale: float, convention: str = "gamma",
-                             num_classes: int | None = None) -> EpsModel:
-    """Wrap a class-conditional net into a guided ``eps_model(x, t, y)``.
+def classifier_free_guidance(model, scale: float, convention: str = "gamma", num_classes: int | None = None) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6: ``(1 + w) e(x, c) - w e(x)``; here in either
+    convention, ``e_u + gamma (e_c - e_u)`` with gamma = 1 + w) around a class-conditional ``model``.
 
     The conditional and unconditional (null class = ``num_classes``) predictions come from ONE batched
     forward of 2B samples. At gamma = 1 (w = 0) this is the plain conditional prediction and the
@@ -55,16 +124,17 @@ def classifier_free_guidance(model, scale: float, convention: str = "gamma",
     return guided
 
 
-def classifier_guidance(eps_model: EpsModel, classifier, sched: NoiseSchedule, scale: float) -> EpsModel:
-    """Classifier guidance: ``eps - scale * sqrt(1 - ab_t) * grad_x log p(y | x_t, t)``.
+def classifier_guidance(model: Model, classifier, sched: NoiseSchedule, scale: float) -> Model:
+    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2 and eq. 14):
+    ``eps - scale * sqrt(1 - ab_t) * grad_x log p(y | x_t, t)``.
 
     ``classifier(x, t) -> logits (B, K)`` is a noisy classifier. With scale 1, an unconditional
-    ``eps_model`` and the exact classifier this is the exact conditional eps (Bayes' rule on scores).
+    ``model`` and the exact classifier this is the exact conditional eps (Bayes' rule on scores).
     """
     def guided(x, t, y):
         if y is None:
             raise UserError("classifier guidance needs class labels to guide towards")
-        eps = eps_model(x, t, y)
+        eps = model(x, t, y)
         with torch.inference_mode(False), torch.enable_grad():
             xg = x.detach().clone().requires_grad_(True)
             logp = F.log_softmax(classifier(xg, t.clone()).float(), dim=-1)
@@ -75,29 +145,28 @@ def classifier_guidance(eps_model: EpsModel, classifier, sched: NoiseSchedule, s
     return guided
 
 
-def _start(shape, generator, x_T, device):
-    if x_T is not None:
-        return x_T.to(device=device, dtype=torch.float32).clone()
-    return torch.randn(shape, generator=generator, device=device)
+# ----- DDPM / DDIM -------------------------------------------------------------------------------
+def _at(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
-def _device(y, generator, device):
-    if device is not None:
-        return torch.device(device)
-    return y.device if y is not None else generator.device
+def _x0_from_eps(x, eps, ab: float, clip: bool) -> torch.Tensor:
+    """``x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (Ho et al. 2020, eq. 15), clipped to [-1, 1] if asked."""
+    x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    return x0.clamp(-1, 1) if clip else x0
 
 
 @torch.inference_mode()
-def sample_ddpm(eps_model: EpsModel, sched: NoiseSchedule, shape, y=None, *, generator: torch.Generator,
-                form: str = "eps", variance: str = "beta", clip_x0: bool = False, x_T=None,
-                capture: Collection[int] | None = None, device=None):
-    """DDPM ancestral sampling over all T steps; returns x_0 (B, C, H, W) (and the trajectory if captured).
+def sample_ddpm(model: Model, x: torch.Tensor, steps: Sequence[int], labels=None, *, schedule: NoiseSchedule,
+                noise: StepNoise, form: str = "eps", variance: str = "beta", clip_x0: bool = False,
+                callback=None) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) over ``steps`` (all of T-1 .. 0).
 
-    form ``eps``: ``x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t) + sigma_t z``.
-    form ``x0``: ``x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)`` (optionally clipped to [-1, 1]),
-    then the posterior mean ``coef_x0 x0_hat + coef_xt x_t`` plus ``sigma_t z``. Both forms are the same
-    update and, given the same generator, agree to rounding. ``variance``: sigma_t^2 = beta_t ("beta")
-    or beta tilde ("beta_tilde"). No noise is added at t = 0.
+    form ``eps``: Algorithm 2's line 4, ``x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t) + sigma_t z``.
+    form ``x0``: ``x0_hat`` (eq. 15, optionally clipped to [-1, 1] as the paper's code does), then the
+    posterior mean ``coef_x0 x0_hat + coef_xt x_t`` of eq. 7 plus ``sigma_t z``. Without clipping both forms
+    are the same update and agree to rounding. ``variance``: sigma_t^2 = beta_t ("beta") or beta tilde
+    ("beta_tilde", eq. 7); both are the paper's choices (section 3.2). No noise is added at t = 0.
     """
     if form not in ("eps", "x0"):
         raise UserError(f"unknown DDPM form '{form}'; choose eps or x0")
@@ -105,29 +174,22 @@ def sample_ddpm(eps_model: EpsModel, sched: NoiseSchedule, shape, y=None, *, gen
         raise UserError(f"unknown DDPM variance '{variance}'; choose beta or beta_tilde")
     if clip_x0 and form == "eps":
         raise UserError("x0 clipping needs the x0 form of DDPM (form='x0')")
-    device = _device(y, generator, device)
-    x = _start(shape, generator, x_T, device)
-    var = sched.betas if variance == "beta" else sched.posterior_variance
-    traj = {}
-    for t in range(sched.T - 1, -1, -1):
-        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = eps_model(x, tt, y).float()
-        ab = sched.alpha_bars[t].item()
-        x0_hat = None
-        if form == "x0" or (capture is not None and t in capture):
-            x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
-            if clip_x0:
-                x0_hat = x0_hat.clamp(-1, 1)
-        if capture is not None and t in capture:
-            traj[t] = (x.cpu(), x0_hat.cpu())
+    s = schedule
+    var = s.betas if variance == "beta" else s.posterior_variance
+    x = x.float().clone()
+    for k, t in enumerate(steps):
+        eps = model(x, _at(t, x), labels).float()
+        ab = s.alpha_bars[t].item()
+        x0 = _x0_from_eps(x, eps, ab, clip_x0) if form == "x0" or callback is not None else None
+        if callback is not None:
+            callback(k, t, x, x0)
         if form == "eps":
-            beta = sched.betas[t].item()
-            x = (x - beta / math.sqrt(1 - ab) * eps) / math.sqrt(sched.alphas[t].item())
+            x = (x - s.betas[t].item() / math.sqrt(1 - ab) * eps) / math.sqrt(s.alphas[t].item())
         else:
-            x = sched.posterior_mean_coef_x0[t].item() * x0_hat + sched.posterior_mean_coef_xt[t].item() * x
+            x = s.posterior_mean_coef_x0[t].item() * x0 + s.posterior_mean_coef_xt[t].item() * x
         if t > 0:
-            x = x + math.sqrt(var[t].item()) * torch.randn(shape, generator=generator, device=device)
-    return x if capture is None else (x, traj)
+            x = x + math.sqrt(var[t].item()) * noise(k)
+    return x
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
@@ -144,68 +206,82 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 
 @torch.inference_mode()
-def sample_ddim(eps_model: EpsModel, sched: NoiseSchedule, shape, y=None, *, steps: int,
-                generator: torch.Generator, eta: float = 0.0, clip_x0: bool = False, x_T=None,
-                capture: Collection[int] | None = None, device=None):
-    """DDIM (Song et al. 2021) over :func:`ddim_timesteps`; eta = 0 is deterministic, eta = 1 with
-    S = T equals DDPM with sigma^2 = beta tilde. Returns x_0 (and the trajectory if captured)."""
+def sample_ddim(model: Model, x: torch.Tensor, steps: Sequence[int], labels=None, *, schedule: NoiseSchedule,
+                noise: StepNoise | None = None, eta: float = 0.0, clip_x0: bool = False,
+                callback=None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12, with sigma_t of eq. 16 scaled by ``eta``) over ``steps`` (e.g.
+    :func:`ddim_timesteps`). eta = 0 is deterministic (needs no ``noise``); eta = 1 over all T steps
+    equals DDPM with sigma^2 = beta tilde. With ``clip_x0`` the eps is recomputed from the clipped x0_hat."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"DDIM eta must be in [0, 1], got {eta}")
-    device = _device(y, generator, device)
-    x = _start(shape, generator, x_T, device)
-    seq = ddim_timesteps(sched.T, steps)
-    traj = {}
-    for i, t in enumerate(seq):
-        t_prev = seq[i + 1] if i + 1 < len(seq) else -1
-        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = eps_model(x, tt, y).float()
-        ab = sched.alpha_bars[t].item()
-        ab_prev = sched.alpha_bars[t_prev].item() if t_prev >= 0 else 1.0
-        x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    if eta > 0 and noise is None:
+        raise UserError("DDIM with eta > 0 draws noise: pass noise=StepNoise(...)")
+    s = schedule
+    steps = list(steps)
+    x = x.float().clone()
+    for k, t in enumerate(steps):
+        t_prev = steps[k + 1] if k + 1 < len(steps) else -1
+        eps = model(x, _at(t, x), labels).float()
+        ab = s.alpha_bars[t].item()
+        ab_prev = s.alpha_bars[t_prev].item() if t_prev >= 0 else 1.0
+        x0 = _x0_from_eps(x, eps, ab, clip_x0)
         if clip_x0:
-            x0_hat = x0_hat.clamp(-1, 1)
-            eps = (x - math.sqrt(ab) * x0_hat) / math.sqrt(1 - ab)
-        if capture is not None and t in capture:
-            traj[t] = (x.cpu(), x0_hat.cpu())
+            eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        if callback is not None:
+            callback(k, t, x, x0)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-        x = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
         if t_prev >= 0 and sigma > 0:
-            x = x + sigma * torch.randn(shape, generator=generator, device=device)
-    return x if capture is None else (x, traj)
+            x = x + sigma * noise(k)
+    return x
+
+
+# ----- rectified flow ----------------------------------------------------------------------------
+def flow_times(steps: int) -> list[float]:
+    """``steps + 1`` evenly spaced times from 1 (noise) to 0 (data), computed in float64."""
+    if steps < 1:
+        raise UserError(f"flow sampler steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+
+
+def _velocity(model, x, t: float, labels) -> torch.Tensor:
+    return model(x, torch.full((x.shape[0],), t, device=x.device), labels).float()
 
 
 @torch.inference_mode()
-def sample_flow(velocity_model: EpsModel, shape, y=None, *, steps: int, generator: torch.Generator,
-                method: str = "euler", x_T=None, capture: Collection[int] | None = None, device=None):
-    """Integrate the rectified-flow ODE ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 (data).
-
-    ``velocity_model(x, t, y)`` receives float t (B,) in [0, 1] and predicts ``eps - x0``. ``method``
-    euler (one evaluation per step) or heun (two, second order). ``capture`` holds step indices
-    i in [0, steps) (x before step i, x0_hat = x - t v).
-    """
-    if method not in ("euler", "heun"):
-        raise UserError(f"unknown flow sampler '{method}'; choose euler or heun")
-    if steps < 1:
-        raise UserError(f"flow sampler steps must be >= 1, got {steps}")
-    device = _device(y, generator, device)
-    x = _start(shape, generator, x_T, device)
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    traj = {}
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        v = velocity_model(x, torch.full((shape[0],), t, device=device), y).float()
-        if capture is not None and i in capture:
-            traj[i] = (x.cpu(), (x - t * v).cpu())
-        x_next = x + (t_next - t) * v
-        if method == "heun":
-            v_next = velocity_model(x_next, torch.full((shape[0],), t_next, device=device), y).float()
-            x_next = x + (t_next - t) * 0.5 * (v + v_next)
-        x = x_next
-    return x if capture is None else (x, traj)
+def sample_euler(model: Model, x: torch.Tensor, steps: Sequence[float], labels=None, *, noise=None,
+                 callback=None) -> torch.Tensor:
+    """Euler's method on the rectified-flow ODE ``dx/dt = v(x, t)`` (Liu et al. 2023, "Flow straight and
+    fast", eq. 1, integrated from t = 1 (noise) to t = 0 (data)): ``x <- x + (t_next - t) v(x, t)``. The
+    velocity predicts ``eps - x0``, so ``x0_hat = x - t v``. ``steps``: :func:`flow_times`. Deterministic."""
+    x = x.float().clone()
+    for k, (t, t_next) in enumerate(zip(steps[:-1], steps[1:])):
+        v = _velocity(model, x, t, labels)
+        if callback is not None:
+            callback(k, t, x, x - t * v)
+        x = x + (t_next - t) * v
+    return x
 
 
+@torch.inference_mode()
+def sample_heun(model: Model, x: torch.Tensor, steps: Sequence[float], labels=None, *, noise=None,
+                callback=None) -> torch.Tensor:
+    """Heun's second-order method on the rectified-flow ODE (the deterministic sampler of Karras et al.
+    2022, Algorithm 1, on the flow's time): an Euler step, then the average of the velocities at both
+    ends; two evaluations per step. ``steps``: :func:`flow_times`. Deterministic."""
+    x = x.float().clone()
+    for k, (t, t_next) in enumerate(zip(steps[:-1], steps[1:])):
+        v = _velocity(model, x, t, labels)
+        if callback is not None:
+            callback(k, t, x, x - t * v)
+        x_euler = x + (t_next - t) * v
+        x = x + (t_next - t) * 0.5 * (v + _velocity(model, x_euler, t_next, labels))
+    return x
+
+
+# ----- interpolation -----------------------------------------------------------------------------
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Spherical interpolation between two noise tensors of the same shape; alpha in [0, 1]."""
+    """Spherical interpolation between two noise tensors of the same shape (Shoemake 1985); alpha in [0, 1]."""
     a, b = z0.flatten().double(), z1.flatten().double()
     cos = torch.dot(a, b) / (a.norm() * b.norm())
     theta = torch.arccos(cos.clamp(-1.0, 1.0)).item()
@@ -214,15 +290,3 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
     w0 = math.sin((1 - alpha) * theta) / math.sin(theta)
     w1 = math.sin(alpha * theta) / math.sin(theta)
     return (w0 * z0.double() + w1 * z1.double()).to(z0.dtype)
-
-
-def interpolate(eps_model: EpsModel, sched: NoiseSchedule, z0: torch.Tensor, z1: torch.Tensor, n: int,
-                y=None, *, steps: int = 50) -> torch.Tensor:
-    """Decode ``n`` slerps between noises z0, z1 (each (C, H, W)) deterministically with DDIM (eta = 0).
-
-    y: None or LongTensor (n,). Returns (n, C, H, W).
-    """
-    x_T = torch.stack([slerp(z0, z1, a) for a in torch.linspace(0, 1, n).tolist()])
-    gen = torch.Generator(device=z0.device).manual_seed(0)  # unused at eta = 0
-    return sample_ddim(eps_model, sched, x_T.shape, y, steps=steps, generator=gen, eta=0.0, x_T=x_T,
-                       device=z0.device)

@@ -16,14 +16,13 @@ import torch
 from ddpm.config import Config
 from ddpm.data.datasets import DATASETS
 from ddpm.data.images import model_to_uint8
+from ddpm.diffusion.from_config import SAMPLERS, objective_for
 from ddpm.errors import UserError
 from ddpm.evaluate.parts import parse_only
 from ddpm.nets.loading import load_weights
 from ddpm.nets.registry import build_net
 from ddpm.run.checkpoints import CheckpointManager
 from ddpm.run.rundir import read_run_config
-
-SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 
 
 @dataclass
@@ -155,8 +154,7 @@ def load_net(cfg: Config, state: dict, use_ema: bool, device, where) -> torch.nn
 
 def _resolve_sampler(req: Request, plan: Plan) -> None:
     cfg, T = plan.cfg, plan.cfg.diffusion.T
-    flows = cfg.diffusion.objective == "rectified_flow"
-    fits = ("euler", "heun") if flows else ("ddpm", "ddim")
+    fits = objective_for(cfg).samplers
     if req.sampler is not None:
         if req.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {req.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -185,8 +183,8 @@ def _resolve_sampler(req: Request, plan: Plan) -> None:
         steps = req.fast_steps if plan.sampler_note else DEFAULT_STEPS[sampler]
         steps = min(steps, T) if sampler == "ddim" else steps
     plan.sampler, plan.steps = sampler, steps
-    plan.fast_sampler = sampler if flows else "ddim"
-    plan.fast_steps = req.fast_steps if flows else min(req.fast_steps, T)
+    plan.fast_sampler = "ddim" if "ddim" in fits else sampler  # progression, interpolation
+    plan.fast_steps = min(req.fast_steps, T) if plan.fast_sampler == "ddim" else req.fast_steps
 
 
 def _resolve_guidance(req: Request, plan: Plan) -> None:
@@ -230,7 +228,7 @@ def make_plan(req: Request) -> Plan:
     run_dir = Path(req.run_dir)
     cfg = read_run_config(run_dir)
     objective = cfg.diffusion.objective
-    kind = {"denoiser": "denoiser", "classifier": "classifier"}.get(objective, "generative")
+    kind = objective_for(cfg).kind
     _positive("--fid-samples", req.fid_samples)
     if req.fid_samples is not None and kind != "generative":
         raise UserError(f"--fid-samples scores generated samples; a {objective} run has none; drop it")

@@ -1,10 +1,9 @@
 """N samples of a trained run for external metrics (FID on 50,000): sharded, resumable, any number of ranks.
 
-Sample i is a pure function of (seed, i): its starting noise x_T comes from a generator seeded with
-``mix_seed(seed, SAMPLE_STREAM, i)`` and its label is ``i mod K`` (class-balanced). Shards, not ranks,
-fix the batching: shard k holds samples [k·B, (k+1)·B) and is one sampler call (the DDPM sampler's
-per-step noise comes from ``mix_seed(seed, SHARD_STREAM, k)``), so the result is bit-identical for any
-number of ranks on the CPU. Rank r generates the uncommitted shards r, r+W, r+2W, ...; every commit is
+Sample i is a pure function of (seed, i) (:mod:`ddpm.diffusion.from_config`: its starting noise and a
+stochastic sampler's per-step noise) and its label is ``i mod K`` (class-balanced). Shard k holds samples
+[k·B, (k+1)·B) and is one sampler call; the result is bit-identical for any number of ranks (on the CPU)
+and for any shard size. Rank r generates the uncommitted shards r, r+W, r+2W, ...; every commit is
 atomic (:mod:`ddpm.run.shards`), so a killed or requeued job redoes only unfinished shards. Rank 0 then
 assembles ``RUN_DIR/samples/NAME.h5`` and writes ``--npz`` / ``--png-dir``.
 
@@ -22,10 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddpm.data.batcher import SAMPLE_STREAM, SHARD_STREAM, mix_seed
 from ddpm.data.datasets import DATASETS
 from ddpm.diffusion.compiled import compile_for_sampling
-from ddpm.diffusion.from_config import eps_model_for, generate, schedule_for
+from ddpm.diffusion.from_config import Sampling, generate, objective_for
 from ddpm.errors import REQUEUE_EXIT_CODE, UserError
 from ddpm.evaluate.plan import Request, make_plan
 from ddpm.run.samples import export_npz, read_samples
@@ -121,7 +119,7 @@ def sample_plan(plan, scale: float, num: int, batch: int = 250, out: str | None 
     settings = dict(run=cfg.name, config_hash=cfg.hash(), dataset=cfg.data.dataset, step=plan.step,
                     ema=plan.ema, conditional=plan.conditional, guidance=scale if plan.conditional else None,
                     convention=plan.convention if plan.conditional else None, sampler=plan.sampler,
-                    steps=plan.steps, clip_x0=plan.clip_x0, seed=plan.seed, num=num, batch=batch,
+                    steps=plan.steps, clip_x0=plan.clip_x0, seed=plan.seed, num=num,
                     labels="i mod classes" if plan.conditional else "none")
     guide = f"_{plan.convention}_{scale:g}" if plan.conditional else ""
     name = out or (f"step_{plan.step:09d}{guide}_{plan.sampler}{plan.steps}"
@@ -134,13 +132,6 @@ def sample_plan(plan, scale: float, num: int, batch: int = 250, out: str | None 
     store = ShardStore(plan.run_dir / "samples" / f"{name}.shards", num, batch)
     store.check(settings, "pass the same settings to finish it, or jobs.sample another --out NAME")
     return SamplePlan(plan, settings, path, store, old is not None, None, None)
-
-
-def _x_T(plan, indices: range) -> torch.Tensor:
-    facts = DATASETS[plan.cfg.data.dataset]
-    shape = (facts["channels"], facts["size"], facts["size"])
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(plan.seed, SAMPLE_STREAM, i)))
-                        for i in indices])
 
 
 def _write_extras(sp: SamplePlan, log) -> None:
@@ -159,8 +150,7 @@ def _write_extras(sp: SamplePlan, log) -> None:
 def fast_model(plan):
     """The plan's net for sampling, compiled once on CUDA (bf16, CUDA graphs) without the guidance scale
     inside (classifier_free_guidance wraps it outside): pass it to every request of the same net."""
-    return compile_for_sampling(eps_model_for(plan.net, schedule_for(plan.cfg), plan.cfg.diffusion.objective,
-                                              plan.device), plan.device)
+    return compile_for_sampling(objective_for(plan.cfg).denoiser(plan.net), plan.device)
 
 
 def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lambda: None,
@@ -186,6 +176,7 @@ def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lamb
         log(f"sampling {what}: {store.count} shards of {store.size}, {world_size} rank(s); this rank: "
             f"{len(mine) - len(todo)} of its {len(mine)} shards already committed")
     fast = model if model is not None else fast_model(plan)
+    spec = Sampling(plan.sampler, plan.steps, s["guidance"] if plan.conditional else 1.0, plan.convention, plan.clip_x0)
     num_classes = DATASETS[plan.cfg.data.dataset]["classes"]
     t0, made = time.perf_counter(), 0
     # A bar in a terminal; one line per shard in batch logs (rank 0 speaks for all).
@@ -197,10 +188,7 @@ def run_request(sp: SamplePlan, rank: int = 0, world_size: int = 1, barrier=lamb
             return REQUEUE_EXIT_CODE
         idx = store.indices(k)
         labels = torch.arange(idx.start, idx.stop) % num_classes if plan.conditional else None
-        x = generate(plan.net, plan.cfg, labels, n=len(idx), seed=mix_seed(plan.seed, SHARD_STREAM, k),
-                     guidance=s["guidance"] if plan.conditional else 1.0, convention=plan.convention,
-                     sampler=plan.sampler, steps=plan.steps, device=plan.device, x_T=_x_T(plan, idx).to(plan.device),
-                     model=fast, clip_x0=plan.clip_x0)
+        x = generate(fast, plan.cfg, spec, labels, seed=plan.seed, indices=idx, device=plan.device)
         store.commit(k, plan.to_u8(x), (labels if labels is not None else torch.full((len(idx),), -1)).numpy())
         made += len(idx)
         bar.update(len(idx))

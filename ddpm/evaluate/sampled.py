@@ -13,7 +13,7 @@ import torch
 
 from ddpm.data.datasets import DATASETS
 from ddpm.data.images import make_grid
-from ddpm.diffusion.from_config import generate
+from ddpm.diffusion.from_config import Sampling, generate, network_evaluations, objective_for
 from ddpm.diffusion.samplers import ddim_timesteps, slerp, to_gamma
 from ddpm.evaluate import feature_cnn, fidelity, figures, metrics
 from ddpm.run.checkpoints import CheckpointManager
@@ -22,13 +22,12 @@ from ddpm.run.grids import grid_figure
 from ddpm.run.samples import read_samples, write_samples
 from ddpm.run.shards import GROUP
 
-CHUNK = 1000                  # images per sampler call (bounded memory); chunk i uses seed + 7919 i
+CHUNK = 1000                  # images per sampler call (bounded memory)
 MAX_PROGRESSION = 8           # checkpoints shown in the progression figure
 MAX_GIF_FRAMES = 40
 STATIC_COLUMNS = 8            # trajectory snapshots in the static denoising figures
 INTERP_ROWS, INTERP_COLS = 5, 8
-TABLE_DDIM = (10, 20, 50, 100)
-TABLE_FLOW = (("euler", (10, 20, 50, 100)), ("heun", (5, 10, 25, 50)))
+TABLE_STEPS = {"ddim": (10, 20, 50, 100), "euler": (10, 20, 50, 100), "heun": (5, 10, 25, 50)}  # ddpm: T
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
@@ -42,18 +41,17 @@ def _nchw(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2)
 
 
-def _sample(plan, net, labels, n, scale, sampler, steps, seed, x_T=None, capture=None):
-    """generate() in chunks of CHUNK images: samples in model space (and the CPU trajectory if captured)."""
-    if capture is not None or n <= CHUNK:
-        return generate(net, plan.cfg, labels, n=n, seed=seed, guidance=scale, convention=plan.convention,
-                        sampler=sampler, steps=steps, device=plan.device, x_T=x_T, capture=capture,
-                        clip_x0=plan.clip_x0)
+def _sample(plan, net, labels, n, scale, sampler, steps, seed, x_T=None, callback=None):
+    """Samples 0 .. n-1 of the request with ``seed`` (model space), made CHUNK at a time (bounded memory;
+    sample i does not depend on the chunk it is made in)."""
+    spec = Sampling(sampler, steps, guidance=scale, convention=plan.convention, clip_x0=plan.clip_x0)
+    model = objective_for(plan.cfg).denoiser(net)
     parts = []
-    for i, lo in enumerate(range(0, n, CHUNK)):
+    for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
-        parts.append(generate(net, plan.cfg, None if labels is None else labels[lo:hi], n=hi - lo,
-                              seed=seed + 7919 * i, guidance=scale, convention=plan.convention, sampler=sampler,
-                              steps=steps, device=plan.device, clip_x0=plan.clip_x0).cpu())
+        parts.append(generate(model, plan.cfg, spec, None if labels is None else labels[lo:hi], seed=seed,
+                              indices=range(lo, hi), device=plan.device,
+                              x=None if x_T is None else x_T[lo:hi], callback=callback).cpu())
     return torch.cat(parts)
 
 
@@ -196,14 +194,9 @@ def progression_part(plan, out, log) -> dict:
             "figures": [fig]}
 
 
-def _visited(plan) -> list[int]:
-    """Capture keys in sampling order: timesteps (DDPM / DDIM) or step indices (flows)."""
-    T = plan.cfg.diffusion.T
-    if plan.sampler == "ddpm":
-        return list(range(T - 1, -1, -1))
-    if plan.sampler == "ddim":
-        return ddim_timesteps(T, plan.steps)
-    return list(range(plan.steps))
+def _step_count(plan) -> int:
+    """How many steps the plan's sampler takes (each one a callback)."""
+    return len(ddim_timesteps(plan.cfg.diffusion.T, plan.steps)) if plan.sampler == "ddim" else plan.steps
 
 
 def _spread(items: list, n: int) -> list:
@@ -213,12 +206,15 @@ def _spread(items: list, n: int) -> list:
 def gifs_part(plan, out, log) -> dict:
     n_cls, scale = plan.num_classes, plan.display_scale
     labels = torch.arange(n_cls) if plan.conditional else None
-    keys = _spread(_visited(plan), MAX_GIF_FRAMES)
-    x, traj = _sample(plan, plan.net, labels, n_cls, scale, plan.sampler, plan.steps, plan.seed, capture=set(keys))
-    flows = plan.sampler in ("euler", "heun")
-    caption = (lambda k: f"t={1 - k / plan.steps:.2f}") if flows else (lambda k: f"t={k}")
-    xt = {k: plan.to_u8(traj[k][0]) for k in keys}
-    x0 = {k: plan.to_u8(traj[k][1]) for k in keys}
+    keys = _spread(list(range(_step_count(plan))), MAX_GIF_FRAMES)  # sampler step indices
+    wanted, xt, x0, times = set(keys), {}, {}, {}
+
+    def capture(k, t, x, x0_hat):
+        if k in wanted:
+            xt[k], x0[k], times[k] = plan.to_u8(x), plan.to_u8(x0_hat), t
+
+    x = _sample(plan, plan.net, labels, n_cls, scale, plan.sampler, plan.steps, plan.seed, callback=capture)
+    caption = (lambda k: f"t={times[k]:.2f}") if isinstance(times[0], float) else (lambda k: f"t={times[k]}")
     final = plan.to_u8(x)
     figs = []
     for c in range(n_cls):
@@ -244,17 +240,15 @@ def gifs_part(plan, out, log) -> dict:
 
 def steps_part(plan, out, log) -> dict:
     T, n, scale = plan.cfg.diffusion.T, plan.table_samples, plan.display_scale
-    if plan.cfg.diffusion.objective == "rectified_flow":
-        runs = [(s, k) for s, ks in TABLE_FLOW for k in ks]
-    else:
-        runs = [("ddpm", T)] + [("ddim", k) for k in sorted({min(k, T) for k in TABLE_DDIM})]
+    runs = [(s, k) for s in objective_for(plan.cfg).samplers
+            for k in ((T,) if s == "ddpm" else sorted({min(k, T) if s == "ddim" else k for k in TABLE_STEPS[s]}))]
     labels = torch.arange(n) % plan.num_classes if plan.conditional else None
     rows = []
     for sampler, steps in runs:
         t0 = time.perf_counter()
         u8 = plan.to_u8(_sample(plan, plan.net, labels, n, scale, sampler, steps, plan.seed))
         wall = time.perf_counter() - t0
-        evals = steps * (2 if sampler == "heun" else 1)
+        evals = network_evaluations(sampler, steps)
         rows.append({"sampler": sampler, "steps": steps, "evaluations": evals, "n": n, "wall_s": round(wall, 3),
                      **{k: v for k, v in _scores(plan, u8, labels).items() if k in ("accuracy", "feature_fid")}})
         log(f"  {sampler} {steps} steps: {wall:.1f} s · accuracy {_fmt(rows[-1]['accuracy'])}")

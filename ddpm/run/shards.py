@@ -50,15 +50,20 @@ class ShardStore:
     def path(self, k: int) -> Path:
         return self.folder / f"shard_{k:06d}.npz"
 
+    def _request(self, settings: dict) -> dict:
+        """What request.json holds: the settings and the shard layout (which the samples do not depend on,
+        but the committed shards do)."""
+        return {**settings, "shard_size": self.size}
+
     def check(self, settings: dict, what: str) -> None:
-        """UserError if the folder was started for other settings (a different request of the same name)."""
+        """UserError if the folder was started for other settings or another shard size."""
         request = self.folder / "request.json"
         if request.is_file():
             try:
                 old = json.loads(request.read_text())
             except ValueError:
                 old = {}
-            diff = differences(old, settings)
+            diff = differences(old, self._request(settings))
             if diff:
                 raise UserError(f"{self.folder} holds an unfinished request with other settings (differs in "
                                 f"{', '.join(diff)}); {what}")
@@ -67,7 +72,7 @@ class ShardStore:
         """Create the folder and its request.json (rank 0, before any rank commits)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / "request.json").is_file():
-            atomic_write(self.folder / "request.json", json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            atomic_write(self.folder / "request.json", json.dumps(self._request(settings), indent=2, sort_keys=True) + "\n")
 
     def done(self, k: int) -> bool:
         return self.path(k).is_file()

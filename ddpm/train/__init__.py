@@ -4,7 +4,8 @@
 Public surface (import from the modules):
 
 - ``ddpm.train.job``: ``train`` (the training job: config → run dir → lock → Trainer → closing lines)
-- ``ddpm.train.loop``: ``Trainer`` (the one training loop)
+- ``ddpm.train.loop``: ``Trainer`` (the one training loop; one optimizer step is ``train_step``), ``LossStats``
+- ``ddpm.train.wrap``: the net as training calls it (DDP, torch.compile that falls back to eager on every rank)
 - ``ddpm.train.schedules``: ``total_steps``, ``lr_at``, ``ema_decay_at``
 - ``ddpm.train.sample_grids``: the sampling events of a run (archive group, TensorBoard image, PNG)
 - ``ddpm.train.dist``: the process group from torchrun or SLURM (``init_distributed``, ``print0``, ``reduce_mean``)

@@ -33,11 +33,9 @@ def train(config, overrides=(), run_dir=None, force: bool = False, dry_run: bool
         run_dir, resume = rundir.prepare_run_dir(cfg, run_dir, force)
         run_dir = Path(broadcast_from_main(str(run_dir)))  # rank 0's choice of a new numbered dir wins
         rundir.check_writable(run_dir)
-        trainer = Trainer(cfg, run_dir, info)  # loads the data and builds the net; writes nothing
         created = not run_dir.exists()
-        lock = trainer.lock = _lock(run_dir, info, log)
-        if resume:
-            trainer.load_checkpoint()
+        lock = _lock(run_dir, info, log)
+        trainer = Trainer(cfg, run_dir, info, lock=lock, resume=resume)  # loads data, net, checkpoint; writes nothing
         if info.is_main and (not resume or force):
             rundir.write_config(run_dir, cfg)
         rc = trainer.run()

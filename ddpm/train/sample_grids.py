@@ -11,7 +11,8 @@ import torch
 from ddpm.config import Config
 from ddpm.data.datasets import DATASETS
 from ddpm.data.images import make_grid, model_to_uint8
-from ddpm.diffusion.from_config import effective_steps, generate
+from ddpm.diffusion.from_config import generate, sampling_for
+from ddpm.diffusion.objectives import Objective
 from ddpm.errors import out_of_space
 from ddpm.run import samples
 from ddpm.run.evaluations import convention_symbol
@@ -20,41 +21,44 @@ from ddpm.run.metrics_log import RunLogger
 
 
 @torch.no_grad()
-def sample_events(cfg: Config, net, device, clean_batch=None) -> tuple[torch.Tensor, list]:
+def sample_events(cfg: Config, objective: Objective, net, device, clean_batch=None) -> tuple[torch.Tensor, list]:
     """(labels (N,), [(name, images in model space (N, C, H, W), attrs)]) of one event.
 
     A generative run samples ``cfg.sample.per_class`` images per class (or as many unconditional ones)
-    for every guidance scale; a one-step denoiser run denoises the first images of ``clean_batch``
-    ((x, y) in model space) noised at its sigma. ``net`` must be in eval mode.
+    for every guidance scale, sample i with the same noise at every scale; a one-step denoiser run
+    denoises the first images of ``clean_batch`` ((x, y) in model space) noised at its sigma. ``net``
+    must be in eval mode.
     """
-    s, d = cfg.sample, cfg.diffusion
-    n_cls = getattr(net, "num_classes", 0)
+    s = cfg.sample
+    n_cls = objective.num_classes
     labels = torch.arange(n_cls or DATASETS[cfg.data.dataset]["classes"]).repeat_interleave(s.per_class)
-    if d.objective == "denoiser":
+    if objective.kind == "denoiser":
         x0, y0 = clean_batch
         x0, labels = x0[: len(labels)], y0[: len(labels)].cpu()
         g = torch.Generator(device).manual_seed(s.seed)
-        noisy = x0 + d.sigma * torch.randn(x0.shape, generator=g, device=device)
-        return labels, [(f"denoise_sigma{d.sigma:g}", net(noisy), dict(sampler="one_step_denoiser", sigma=d.sigma))]
-    events = []
+        noisy = x0 + objective.sigma * torch.randn(x0.shape, generator=g, device=device)
+        return labels, [(f"denoise_sigma{objective.sigma:g}", net(noisy),
+                         dict(sampler="one_step_denoiser", sigma=objective.sigma))]
+    events, model = [], objective.denoiser(net)
     for scale in s.guidance:
-        x = generate(net, cfg, labels if n_cls else None, n=len(labels), seed=s.seed, guidance=scale,
-                     convention=s.convention, device=device)
+        spec = sampling_for(cfg, guidance=scale)
+        x = generate(model, cfg, spec, labels if n_cls else None, seed=s.seed, indices=range(len(labels)),
+                     device=device)
         name = f"{s.convention}_{scale:g}" if n_cls else "uncond"
-        events.append((name, x, dict(sampler=s.sampler, steps=effective_steps(cfg),
+        events.append((name, x, dict(sampler=spec.sampler, steps=spec.steps, eta=spec.eta if spec.eta else None,
                                      guidance_scale=float(scale) if n_cls else None,
                                      guidance_convention=s.convention if n_cls else None)))
     return labels, events
 
 
-def write_event(cfg: Config, net, *, step: int, run_dir: Path, device, logger: RunLogger, ema: bool,
+def write_event(cfg: Config, objective: Objective, net, *, step: int, run_dir: Path, device, logger: RunLogger, ema: bool,
                 clean_batch=None, log=print) -> list[Path]:
     """Sample one event and write it (archive, TensorBoard, PNG). Returns the PNGs written.
 
     None of it is essential to the run: a damaged ``samples.h5`` is moved aside (``samples.h5.damaged-<time>``)
     and a fresh archive started; any other failure to write the archive or a PNG is a warning, never the
     end of the run. Only a full disk ends it (:func:`ddpm.run.atomic.writing` in the caller says so)."""
-    labels, events = sample_events(cfg, net, device, clean_batch)
+    labels, events = sample_events(cfg, objective, net, device, clean_batch)
     norm = tuple(cfg.data.normalize) if cfg.data.normalize else None
     base = dict(step=step, seed=cfg.sample.seed, ema=ema, config_hash=cfg.hash())
     archive = run_dir / "samples.h5"

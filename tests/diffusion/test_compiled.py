@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.diffusion.compiled import compile_for_sampling, ieee_fp32
-from ddpm.diffusion.samplers import classifier_free_guidance, sample_ddim
+from ddpm.diffusion.samplers import classifier_free_guidance, ddim_timesteps, sample_ddim
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.nets.registry import build_net
 
@@ -31,8 +31,8 @@ def test_cuda_paths_match_eager(opts):
     guided = classifier_free_guidance(net, 2.0, "w")
     sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
     y = torch.arange(8, device=dev) % 10
-    gen = torch.Generator(device=dev)
-    ref = sample_ddim(guided, sched, (8, 3, 32, 32), y, steps=10, generator=gen.manual_seed(0))
+    x_T = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dev)
+    ref = sample_ddim(guided, x_T, ddim_timesteps(1000, 10), y, schedule=sched)
     torch._dynamo.reset()
     fast = compile_for_sampling(guided, dev, **opts)
     x = torch.randn(8, 3, 32, 32, device=dev)
@@ -42,7 +42,7 @@ def test_cuda_paths_match_eager(opts):
     fast(torch.randn_like(x), t, y)  # a later call must not overwrite an output the caller still holds
     assert torch.equal(first, kept)
     assert first.dtype == torch.float32
-    out = sample_ddim(fast, sched, (8, 3, 32, 32), y, steps=10, generator=gen.manual_seed(0))
+    out = sample_ddim(fast, x_T, ddim_timesteps(1000, 10), y, schedule=sched)
     tol = 0.1 if opts["bf16"] else 1e-3
     assert (out - ref).abs().max().item() < tol
 
@@ -60,17 +60,17 @@ def test_cuda_one_compilation_serves_every_guidance_scale():
         p.data.normal_(0, 0.02)
     sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
     y = torch.arange(8, device=dev) % 10
+    x_T = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dev)
     torch._dynamo.reset()
     counters.clear()
     fast = compile_for_sampling(net, dev, bf16=True, compile=True, cuda_graphs=True)
     outs = {}
     for scale in (1.0, 3.0):
         guided = classifier_free_guidance(fast, scale, "w", num_classes=10)
-        outs[scale] = sample_ddim(guided, sched, (8, 3, 32, 32), y, steps=5,
-                                  generator=torch.Generator(device=dev).manual_seed(0))
+        outs[scale] = sample_ddim(guided, x_T, ddim_timesteps(1000, 5), y, schedule=sched)
         if scale == 1.0:
             frames = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == frames  # no new graph for the second scale
-    eager = sample_ddim(classifier_free_guidance(net, 3.0, "w", num_classes=10), sched, (8, 3, 32, 32), y, steps=5,
-                        generator=torch.Generator(device=dev).manual_seed(0))
+    eager = sample_ddim(classifier_free_guidance(net, 3.0, "w", num_classes=10), x_T, ddim_timesteps(1000, 5), y,
+                        schedule=sched)
     assert (outs[3.0] - eager).abs().max().item() < 0.1

@@ -49,8 +49,21 @@ def test_one_process_makes_balanced_labelled_samples_with_their_settings(one_pro
     (images, labels, attrs), _, stdout = one_process
     assert images.shape == (300, 28, 28, 1) and images.dtype == np.uint8
     assert labels.tolist() == [i % 10 for i in range(300)]
-    assert (attrs["num"], attrs["batch"], attrs["sampler"], attrs["steps"], attrs["guidance"]) == (300, 50, "ddim", 5, 3.0)
+    assert (attrs["num"], attrs["sampler"], attrs["steps"], attrs["guidance"]) == (300, "ddim", 5, 3.0)
+    assert "batch" not in attrs  # the shard size changes no sample (see the next test)
     assert "samples/s" in stdout and "done: 300 samples" in stdout
+
+
+def test_a_stochastic_sampler_gives_the_same_samples_for_any_shard_size(run):
+    """DDPM's per-step noise is a function of (seed, sample index, step): shards of 7 and of 20 give the
+    same bytes, and a finished request is reused under another --batch."""
+    ddpm = ["--num", 20, "--sampler", "ddpm", "--guidance", "3"]
+    assert job(run, *ddpm, "--batch", 7, "--out", "ddpm7").returncode == 0
+    r = job(run, *ddpm, "--batch", 20, "--out", "ddpm20")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = read(run, "ddpm7"), read(run, "ddpm20")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert "already complete" in job(run, *ddpm, "--batch", 5, "--out", "ddpm7").stdout
 
 
 def test_two_processes_under_torchrun_give_the_same_samples_bit_for_bit(run, one_process):

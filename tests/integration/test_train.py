@@ -268,13 +268,13 @@ def test_help_and_subprocess_exit_code(tmp_path):
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch, capsys):
     from ddpm.train.loop import Trainer
-    real_loss = Trainer.loss
+    real_loss = Trainer.forward_loss
 
     def poisoned(self, *args):
-        out = real_loss(self, *args)
-        return out * float("nan") if self.step >= 7 else out
+        out, t = real_loss(self, *args)
+        return (out * float("nan") if self.step >= 7 else out), t
 
-    monkeypatch.setattr(Trainer, "loss", poisoned)
+    monkeypatch.setattr(Trainer, "forward_loss", poisoned)
     run = tmp_path / "run"
     assert train_main(["--config", str(tiny_config), "--run-dir", str(run)]) == 1
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddpm.train.loop import COMPILE_BACKEND_ENV
+from ddpm.train.wrap import COMPILE_BACKEND_ENV
 
 from conftest import TINY_MNIST
 
