@@ -33,7 +33,10 @@ def test_an_explicit_directory_wins(monkeypatch, tmp_path):
 
 def test_inductor_reads_the_directory_we_set(monkeypatch, tmp_path):
     """The contract we rely on: inductor takes its cache directory from the variable at use time."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # torch < 2.5
+        from torch._inductor.utils import cache_dir
 
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -80,11 +83,15 @@ def test_compile_workers_are_bounded_by_the_cpus_of_the_task(monkeypatch):
     monkeypatch.delenv(WORKERS_ENV, raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     assert bound_compile_workers() is None and WORKERS_ENV not in os.environ
-    monkeypatch.setattr(inductor, "compile_threads", 64)  # what inductor took from a 64-core node
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    assert bound_compile_workers() == 1 and os.environ[WORKERS_ENV] == "1" and inductor.compile_threads == 1
-    monkeypatch.setenv(WORKERS_ENV, "3")  # the user's own choice wins
-    assert bound_compile_workers() == 3
+    before = inductor.compile_threads  # saved by hand: monkeypatch would delete a config entry on undo
+    try:
+        inductor.compile_threads = 64  # what inductor took from a 64-core node
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        assert bound_compile_workers() == 1 and os.environ[WORKERS_ENV] == "1" and inductor.compile_threads == 1
+        monkeypatch.setenv(WORKERS_ENV, "3")  # the user's own choice wins
+        assert bound_compile_workers() == 3
+    finally:
+        inductor.compile_threads = before
 
 
 def test_ieee_fp32_sets_and_restores_every_flag_together():
