@@ -30,6 +30,7 @@ import submitit
 from ddpm.cluster import slurm
 from ddpm.cluster.sweep import JobSpec, write_manifest
 from ddpm.errors import NO_SPACE_EXIT_CODE, REQUEUE_EXIT_CODE, UserError
+from ddpm.run import restarts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # holds ddpm/ and jobs/
 
@@ -44,18 +45,6 @@ def _ignore_preemption_signal() -> None:
     # that arrives while the child still imports torch is dropped instead of killing it (the default
     # action); ddpm.preempt installs the real handler before the first step, and checkpoint() re-sends.
     signal.signal(_preemption_signal(), signal.SIG_IGN)
-
-
-MAX_IDLE_RESTARTS = 2  # restarts in a row without a new checkpoint before a job stops requeueing itself
-
-
-def latest_step(run_dir) -> int:
-    """The step of the run's newest complete checkpoint (``checkpoints/latest``), -1 without one."""
-    try:
-        name = (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
-        return int(name.removeprefix("step_"))
-    except (OSError, ValueError):
-        return -1
 
 
 class TrainingFailed(Exception):
@@ -77,15 +66,16 @@ class TrainJob(submitit.helpers.Checkpointable):
     config: absolute path of the YAML file; overrides: ``key.sub=value`` strings; run_dir: absolute
     path; cwd: directory the child runs in (relative paths in the config, e.g. data.root, resolve there).
     grace_s: how long checkpoint() waits for the child to save (keep it below the signal delay).
+    max_idle_restarts: restarts in a row without a new checkpoint before the job stops requeueing itself
+    (default: ``ddpm.run.restarts.max_idle_restarts()``: DDPM_MAX_IDLE_RESTARTS, else its MAX_IDLE_RESTARTS).
     """
 
     def __init__(self, config: str, overrides: list[str], run_dir: str, cwd: str, grace_s: float = 60.0,
-                 max_idle_restarts: int = MAX_IDLE_RESTARTS):
+                 max_idle_restarts: int | None = None):
         self.config, self.overrides, self.run_dir, self.cwd = config, list(overrides), run_dir, cwd
-        self.grace_s, self.max_idle_restarts = grace_s, max_idle_restarts
+        self.grace_s = grace_s
+        self.max_idle_restarts = restarts.max_idle_restarts() if max_idle_restarts is None else max_idle_restarts
         self.outcome: int | None = None  # set when the child ended on its own while a signal was handled
-        self.start_step = -1             # the newest checkpoint's step when this run of the job started
-        self.idle_restarts = 0           # restarts in a row that ended without a new checkpoint
         self._child: subprocess.Popen | None = None
         self._rc: int | None = None
 
@@ -95,9 +85,14 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __getstate__(self) -> dict:  # checkpoint() pickles self: no process handles in the pickle
         return {**self.__dict__, "_child": None, "_rc": None}
 
+    @property
+    def idle_restarts(self) -> int:
+        """Restarts in a row of this job that ended without a new checkpoint (kept in the run dir, where
+        the sbatch templates keep theirs: ``ddpm.run.restarts``)."""
+        return restarts.idle_restarts(self.run_dir)
+
     def __call__(self) -> dict:
         """The submitit entry point (every task). Returns {"run_dir", "returncode"}; raises TrainingFailed."""
-        self.start_step = latest_step(self.run_dir)
         rc = self.outcome if self.outcome is not None else self._run_child(dict(os.environ))
         if rc == REQUEUE_EXIT_CODE:
             self._await_requeue()
@@ -146,15 +141,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         if rc is not None and rc >= 0 and rc != REQUEUE_EXIT_CODE:
             self.outcome = rc  # it finished (or failed) on its own: the rerun only reports that
         state = "still running" if rc is None else f"exited with {rc}"
-        step = latest_step(self.run_dir)
-        if self.outcome is None:  # stopped for the signal: a restart; did this run get anywhere?
-            self.idle_restarts = 0 if step > self.start_step else self.idle_restarts + 1
-        if self.idle_restarts > self.max_idle_restarts and self.outcome is None:
+        step = restarts.latest_step(self.run_dir)
+        # Stopped for the signal: a restart; did this run get past where the previous one stopped?
+        idle = restarts.idle_restarts(self.run_dir, stopped_at=step) if self.outcome is None else 0
+        if idle > self.max_idle_restarts:
             # submitit: no DelayedSubmission means no requeue; the job ends as not completed.
-            print(f"ddpm.launch: error: {self.idle_restarts} restarts in a row ended before a new checkpoint "
-                  f"(newest: step {step}): the time limit or preemption comes before training reaches one; not "
+            newest = f"step {step}" if step >= 0 else "none"
+            print(f"ddpm.launch: error: {idle} restarts in a row ended before a new checkpoint "
+                  f"(newest: {newest}): the time limit or preemption comes before training reaches one; not "
                   "requeueing. Give it a longer --signal-delay or --time, or a smaller checkpoint.every, and "
-                  f"submit again with the same run dir ({self.run_dir})", flush=True)
+                  f"submit again with the same run dir ({self.run_dir}; or raise {restarts.MAX_IDLE_RESTARTS_ENV})",
+                  flush=True)
             return None
         print(f"ddpm.launch: {sig.name}: jobs.train {state}; requeueing (run dir {self.run_dir})", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
@@ -236,6 +233,7 @@ def sbatch_flags(params: dict, n_jobs: int) -> str:
 def submit_slurm(jobs: list[JobSpec], config, resources: Resources, folder: Path, job_name: str) -> list[dict]:
     """Reserve the run dirs, submit one job per spec (a job array when several) and return manifest
     entries {"job_id", "overrides", "sweep", "run_dir", "log"}."""
+    max_idle = restarts.max_idle_restarts()  # a bad DDPM_MAX_IDLE_RESTARTS: UserError before anything
     for spec in jobs:
         spec.run_dir.mkdir(parents=True)  # reserves the number: the next launch picks the one after
     ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=resources.max_timeouts)
@@ -244,7 +242,7 @@ def submit_slurm(jobs: list[JobSpec], config, resources: Resources, folder: Path
     try:
         with ex.batch():
             handles = [ex.submit(TrainJob(str(Path(config).resolve()), spec.overrides, str(spec.run_dir),
-                                          os.getcwd(), grace)) for spec in jobs]
+                                          os.getcwd(), grace, max_idle)) for spec in jobs]
     except Exception as e:  # sbatch refused: nothing was submitted
         for spec in jobs:
             spec.run_dir.rmdir()
@@ -265,7 +263,9 @@ def run_local(jobs: list[JobSpec], config, manifest_path: Path, manifest: dict) 
         spec.run_dir.mkdir(parents=True)
         entry["state"] = "RUNNING"
         write_manifest(manifest_path, manifest)
-        rc = TrainJob(str(Path(config).resolve()), spec.overrides, str(spec.run_dir), os.getcwd()).run_local()
+        job = TrainJob(str(Path(config).resolve()), spec.overrides, str(spec.run_dir), os.getcwd(),
+                       max_idle_restarts=restarts.MAX_IDLE_RESTARTS)  # never requeued here: the limit is moot
+        rc = job.run_local()
         entry["state"], entry["returncode"] = ("COMPLETED" if rc == 0 else "PREEMPTED" if rc == REQUEUE_EXIT_CODE
                                                else "FAILED"), rc
         failed += rc != 0

@@ -12,6 +12,8 @@ metrics without importing torch):
 - ``ddpm.run.grids``: labelled sample-grid PNGs (``grid_figure``)
 - ``ddpm.run.atomic``: the one atomic write (``atomic_write``, ``atomic_path``), ``writing`` (disk full →
   ``OutOfSpace``), ``damaged_name``
+- ``ddpm.run.restarts``: a run's restarts, torch-free: ``latest_step`` (the one parser of
+  ``checkpoints/latest``), ``idle_restarts`` (``restarts_without_progress``), ``max_idle_restarts``, ``master_port``
 - ``ddpm.run.lock``: ``RunLock`` (one writer per run dir: ``lock.json`` with a heartbeat, stale locks taken over)
 - ``ddpm.run.shards``: ``ShardStore`` (a sampling request's committed shards, assembled into ``samples/NAME.h5``)
 - ``ddpm.run.evaluations``: reading an evaluation's ``metrics.json`` rows (``scored_rows``, ``headline_row``,

@@ -25,10 +25,10 @@ import torch
 
 from ddpm.errors import UserError
 from ddpm.run.atomic import atomic_write, fsync_dir
+from ddpm.run.restarts import LATEST_FILE, parse_latest
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)(\.old)?$")  # ".old": a checkpoint moved aside while re-saving its step
 _CHUNK = 1 << 20
 
@@ -144,14 +144,13 @@ class CheckpointManager:
     def _latest_step(self) -> int | None:
         """The step `latest` names, or None if the pointer is missing, garbled or names a missing dir."""
         try:
-            name = (self.directory / LATEST_FILE).read_text().strip()
+            name = (self.directory / LATEST_FILE).read_text(errors="replace").strip()
         except OSError:
             return None
-        m = _STEP_DIR.match(name)
-        if not m or m.group(2):
+        step = parse_latest(name)  # the one parser of `latest`, shared with the launchers and the templates
+        if step is None:
             warnings.warn(f"ignoring garbled {self.directory / LATEST_FILE}: {name[:40]!r}", stacklevel=3)
             return None
-        step = int(m.group(1))
         if not any(s == step for s, _ in self._candidates()):
             warnings.warn(f"{self.directory / LATEST_FILE} names missing {name}; "
                           "considering all checkpoints", stacklevel=3)

@@ -12,10 +12,10 @@ from ddpm.config import Config, from_dict
 from ddpm.errors import UserError
 from ddpm.run.atomic import atomic_write
 from ddpm.run.lock import LOCK_FILE
+from ddpm.run.restarts import RESTARTS_FILE
 
 # What the jobs themselves keep in a run dir besides the run: the lock (ddpm.run.lock) and the count of
-# restarts without progress that slurm/common.sh keeps.
-RESTARTS_FILE = "restarts_without_progress"
+# restarts without progress that both launchers keep (ddpm.run.restarts).
 BOOKKEEPING = (LOCK_FILE, RESTARTS_FILE)
 # Keys that may change when a run is resumed: where data lives, how it is logged, how long it runs.
 RESUMABLE_CHANGES = ("data.root", "data.download", "train.device", "train.compile", "train.steps", "train.epochs",

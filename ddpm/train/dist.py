@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ddpm.errors import UserError
+from ddpm.run.restarts import master_port  # the one formula; the sbatch templates ask it too (ddpm.cluster.requeue)
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,6 @@ def _expand_host(pattern: str, nodelist: str) -> list[str]:
             raise ValueError(f"malformed range {part!r} in SLURM nodelist {nodelist!r}")
         names += [str(k).zfill(len(lo)) for k in range(int(lo), int(hi or lo) + 1)]
     return [prefix + name + tail for name in names for tail in _expand_host(rest, nodelist)]
-
-
-def master_port(job_id: int, restart_count: int) -> int:
-    """A rendezvous port in [20000, 60000): spread over job ids, different after every requeue.
-
-    A requeued job may land on a node where the old port is still in TIME_WAIT or held by a dying
-    process; moving by one per restart gives each attempt a fresh rendezvous.
-    """
-    return 20000 + (job_id * 2654435761 + restart_count) % 40000  # Knuth's multiplicative hash
 
 
 def _job_id(value: str) -> int:

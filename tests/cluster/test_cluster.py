@@ -1,14 +1,18 @@
 """ddpm.cluster without a cluster: sbatch time strings, sweep parsing and planning, resources, sinfo / sacct /
 squeue output, manifests and the status table."""
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
-from ddpm.cluster import launch, sweep
+from ddpm.cluster import launch, requeue, sweep
 from ddpm.cluster import slurm as cluster
-from ddpm.errors import UserError
+from ddpm.errors import REQUEUE_EXIT_CODE, UserError
+from ddpm.run import restarts
 
-from conftest import TINY_MNIST
+from conftest import ROOT, TINY_MNIST, python_env
 
 
 @pytest.fixture
@@ -155,3 +159,58 @@ def test_manifest_roundtrip_and_status_table(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="not a manifest"):
         sweep.read_manifest(tmp_path / "bad.json")
+
+
+# ----- python -m ddpm.cluster.requeue: what the sbatch templates ask ----------------------------------
+
+@pytest.mark.parametrize("argv,value", [(["exit-code"], REQUEUE_EXIT_CODE), (["max-idle-restarts"], 2),
+                                        (["master-port", "123456", "3"], restarts.master_port(123456, 3))])
+def test_requeue_cli_prints_the_one_definition(argv, value, capsys, monkeypatch):
+    monkeypatch.delenv("DDPM_MAX_IDLE_RESTARTS", raising=False)
+    assert requeue.main(argv) == 0 and capsys.readouterr().out == f"{value}\n"
+
+
+def test_requeue_cli_keeps_the_count_in_the_run_dir(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_000000030\n")
+    for argv in (["latest-step", str(tmp_path)], ["idle-restarts", str(tmp_path), "--record", "30"],
+                 ["idle-restarts", str(tmp_path), "--record", "30"], ["idle-restarts", str(tmp_path)],
+                 ["latest-step", str(tmp_path / "nothing")]):
+        assert requeue.main(argv) == 0
+    assert capsys.readouterr().out.split() == ["30", "0", "1", "1", "-1"]
+    assert restarts.idle_restarts(tmp_path) == 1  # the same count the submitit launcher reads
+
+
+@pytest.mark.parametrize("argv,env,match", [
+    ([], {}, "the following arguments are required: COMMAND"), (["nonsense"], {}, "invalid choice: 'nonsense'"),
+    (["master-port", "12x", "0"], {}, "argument JOB_ID: invalid int value: '12x'"),
+    (["idle-restarts", ".", "--record", "many"], {}, "argument --record: invalid int value"),
+    (["max-idle-restarts"], {"DDPM_MAX_IDLE_RESTARTS": "lots"}, "DDPM_MAX_IDLE_RESTARTS='lots' is not a whole number")])
+def test_requeue_cli_bad_arguments_are_one_line_and_exit_2(argv, env, match, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        rc = requeue.main(argv)
+    except SystemExit as e:  # argparse's own checks
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1, err
+
+
+def test_requeue_cli_is_quick_and_imports_no_torch():
+    """The batch shell calls it several times per run: no torch, well under half a second a call."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "ddpm.cluster.requeue", "master-port", "7", "0"]
+    best = float("inf")
+    for _ in range(3):
+        start = time.monotonic()
+        r = subprocess.run(cmd, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=60)
+        best = min(best, time.monotonic() - start)
+        assert r.returncode == 0 and r.stdout == f"{restarts.master_port(7, 0)}\n", r.stderr
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"torch", "numpy", "submitit", "ddpm.config"} & imported, sorted(imported)
+    assert best < 0.5, f"python -m ddpm.cluster.requeue took {best:.2f} s"
+    help_text = subprocess.run([sys.executable, "-m", "ddpm.cluster.requeue", "--help"], cwd=ROOT, env=python_env(),
+                               capture_output=True, text=True, timeout=60).stdout
+    for command in ("exit-code", "master-port", "latest-step", "idle-restarts", "max-idle-restarts"):
+        assert command in help_text

@@ -7,6 +7,7 @@ The fast tests at the end check the shell helpers without a cluster.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ddpm.run import restarts
 from ddpm.run import samples as archive
 from ddpm.train.dist import master_port
 
@@ -553,3 +555,66 @@ def test_sweep_run_lines_skip_comments_and_blanks(tmp_path):
     f = tmp_path / "s.txt"
     f.write_text("# header\n\n  \na=1 b=2\n   # indented comment\nc=3  # trailing comment\nname=x#y\n")
     assert _bash(tmp_path, f'ddpm_sweep_runs "{f}"').splitlines() == ["a=1 b=2", "c=3", "name=x#y"]
+
+
+def test_template_asks_python_for_the_latest_step_and_the_idle_count(tmp_path, monkeypatch):
+    """ddpm_latest_step and ddpm_idle_restarts are Python's answers (ddpm.run.restarts), and the count the
+    templates record is the one the submitit launcher reads."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run = tmp_path / "run"
+    assert _bash(tmp_path, f'ddpm_latest_step "{run}"').split() == [str(restarts.latest_step(run))] == ["-1"]
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000000120\n")
+    script = f'ddpm_latest_step "{run}"; ddpm_idle_restarts "{run}" 120; ddpm_idle_restarts "{run}" 120; ' \
+             f'ddpm_idle_restarts "{run}"; ddpm_idle_restarts "{run}" 130'
+    assert _bash(tmp_path, script, SLURM_JOB_ID="4242").split() == ["120", "0", "1", "1", "0"]
+    assert restarts.idle_restarts(run) == 0 and (run / restarts.RESTARTS_FILE).read_text() == "0 130 4242\n"
+    assert _bash(tmp_path, "ddpm_requeue_fact max-idle-restarts").strip() == str(restarts.max_idle_restarts({}))
+    assert _bash(tmp_path, "ddpm_requeue_fact max-idle-restarts", DDPM_MAX_IDLE_RESTARTS="5").strip() == "5"
+
+
+@pytest.mark.parametrize("what,message", [
+    ("training", "restarts in a row ended before a new checkpoint (newest: none)"),
+    ("sampling", "restarts in a row ended before a new sample shard was committed")])
+def test_run_step_stops_requeueing_after_the_limit_and_names_the_progress(tmp_path, what, message):
+    """A step that keeps exiting 75 without progress: requeued twice (the default limit), then one error line
+    saying what progress it lacked; a bad DDPM_MAX_IDLE_RESTARTS is one error line and exit 2."""
+    run = tmp_path / "run"
+    run.mkdir()
+    sampling = "_ddpm_progress=ddpm_committed_shards _ddpm_what=sampling; " if what == "sampling" else ""
+    step = f'{sampling}ddpm_trap_signals; ' \
+           f'ddpm_run_step "{run}" sh -c "exit $REQUEUE_EXIT_CODE" 2>&1 && echo "rc=0" || echo "rc=$?"'
+    out = _bash(tmp_path, f"{step}; {step}; {step}", SLURM_JOB_ID="77")
+    assert [line for line in out.splitlines() if line.startswith("rc=")] == ["rc=0", "rc=0", "rc=1"], out
+    assert out.count("requeueing job 77") == 2 and f"error: 3 {message}" in out and "not requeueing" in out, out
+    if what == "sampling":
+        assert "checkpoint" not in out.split("error:")[1], out
+    out = _bash(tmp_path, step, SLURM_JOB_ID="78", DDPM_MAX_IDLE_RESTARTS="x")
+    assert "rc=2" in out and "error: DDPM_MAX_IDLE_RESTARTS='x' is not a whole number" in out, out
+
+
+def test_templates_define_no_number_that_python_owns():
+    """The shell asks Python (ddpm.cluster.requeue) for the requeue exit code, the restart limit and count,
+    the latest step and the port: none of them is spelled out in the templates' code (comments may)."""
+    forbidden = {"a default restart limit": r"DDPM_MAX_IDLE_RESTARTS:-|\$\{?DDPM_MAX_IDLE_RESTARTS\b",
+                 "the port formula": r"2654435761|40000|MASTER_PORT=\$\(\(",
+                 "parsing checkpoints/latest": r"checkpoints/latest|step_",
+                 "the idle-count file": r"restarts_without_progress",
+                 "the requeue exit code": r"\b75\b"}
+    found = []
+    for script in sorted(SLURM_DIR.glob("*.sh")):
+        for n, line in enumerate(script.read_text().splitlines(), 1):
+            if line.lstrip().startswith("#"):
+                continue
+            found += [f"{script.name}:{n}: {what}: {line.strip()}" for what, pattern in forbidden.items()
+                      if re.search(pattern, line)]
+    assert not found, "\n".join(found)
+
+
+def test_a_signal_before_the_step_starts_is_a_stop_without_progress(tmp_path):
+    """The time-limit warning between the last check and srun (while the shell asks Python, say): the step
+    is not started and the job requeues, counted as a restart without progress, instead of training on."""
+    out = _bash(tmp_path, f'ddpm_trap_signals; kill -USR2 $$; ddpm_run_step "{tmp_path / "run"}" '
+                          f'sh -c "echo step started" 2>&1; ddpm_idle_restarts "{tmp_path / "run"}"', SLURM_JOB_ID="9")
+    assert "step started" not in out and "not starting it" in out and "requeueing job 9" in out, out
+    assert out.splitlines()[-1] == "1", out

@@ -21,6 +21,7 @@ import submitit
 
 from ddpm.cluster import launch, sweep
 from ddpm.cluster import slurm as cluster
+from ddpm.run import restarts
 from jobs import submit as submit_job
 
 from conftest import ROOT, TINY_MNIST, python_env
@@ -133,27 +134,31 @@ def test_a_child_that_ended_during_the_signal_is_not_trained_again(tmp_path):
     assert rerun() == {"run_dir": rerun.run_dir, "returncode": 0}
 
 
-def test_requeues_without_a_new_checkpoint_stop_after_the_limit(tmp_path, capsys):
+def test_requeues_without_a_new_checkpoint_stop_after_the_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DDPM_MAX_IDLE_RESTARTS", raising=False)
     job = FakeJob(tmp_path, run_s=0, rc=0)
     ckpt = tmp_path / "run" / "checkpoints"
     ckpt.mkdir(parents=True)
 
     def stopped_for_the_signal(newest):  # one run of the job, ended by the signal; newest checkpoint step
+        nonlocal job
         (ckpt / "latest").write_text(f"step_{newest:09d}\n")
         job._child = subprocess.Popen([sys.executable, "-c", "pass"])
         job._child.wait()
         job._rc, job.outcome = launch.REQUEUE_EXIT_CODE, None
         delayed = job.checkpoint()
-        job.start_step = newest  # what the rerun's __call__ records
+        if delayed is not None:  # the rerun is what submitit unpickles: the count is in the run dir, not the pickle
+            job = pickle.loads(pickle.dumps(delayed.function))
         return delayed
 
-    job.start_step = -1
+    assert job.max_idle_restarts == restarts.MAX_IDLE_RESTARTS  # the one default (DDPM_MAX_IDLE_RESTARTS unset)
     assert stopped_for_the_signal(10) is not None and job.idle_restarts == 0  # trained: requeue
-    for idle in range(1, launch.MAX_IDLE_RESTARTS + 1):
+    for idle in range(1, job.max_idle_restarts + 1):
         assert stopped_for_the_signal(10) is not None and job.idle_restarts == idle
     assert stopped_for_the_signal(10) is None  # submitit: no requeue
     out = capsys.readouterr().out
-    assert f"{launch.MAX_IDLE_RESTARTS + 1} restarts in a row ended before a new checkpoint (newest: step 10)" in out
+    assert f"{job.max_idle_restarts + 1} restarts in a row ended before a new checkpoint (newest: step 10)" in out
+    assert restarts.idle_restarts(job.run_dir) == job.max_idle_restarts + 1  # where the templates keep theirs
     assert stopped_for_the_signal(20) is not None and job.idle_restarts == 0  # progress resets the count
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from ddpm.errors import UserError
 from ddpm.nets.loading import clean_state_dict, unwrap_model
 from ddpm.run import checkpoints as checkpoint
+from ddpm.run import restarts
 from ddpm.run.checkpoints import CheckpointManager, verify
 
 
@@ -192,6 +193,21 @@ def test_latest_naming_a_deleted_dir_still_finds_newest_valid(tmp_path):
         assert mgr.load_latest()[0] == 2
     (mgr.directory / "latest").unlink()
     assert mgr.load_latest()[0] == 2
+
+
+@pytest.mark.parametrize("pointer", [b"step_000000002.old\n", b"2\n", b"\xff\xfe\x00garbage"])
+def test_garbled_latest_is_ignored_with_a_warning(tmp_path, pointer):
+    mgr = saved(tmp_path, [1, 2])
+    (mgr.directory / "latest").write_bytes(pointer)
+    with pytest.warns(UserWarning, match="ignoring garbled"):
+        assert mgr.load_latest()[0] == 2
+    assert restarts.latest_step(tmp_path) == -1  # the launchers' reading of it: the same parser, no step
+
+
+def test_the_pointer_a_save_writes_is_the_step_the_launchers_read(tmp_path):
+    """One parser of `latest` (ddpm.run.restarts.parse_latest) for the manager, both launchers and the templates."""
+    saved(tmp_path, [7, 1234])
+    assert restarts.latest_step(tmp_path) == 1234
 
 
 def test_latest_is_the_commit_point(tmp_path):
