@@ -17,14 +17,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-import submitit
 
-from ddpm.cluster import launch, sweep
-from ddpm.cluster import slurm as cluster
-from ddpm.run import restarts
-from jobs import submit as submit_job
+submitit = pytest.importorskip("submitit", reason="submitit is not installed")  # e.g. a bare GPU image
 
-from conftest import ROOT, TINY_MNIST, python_env
+from ddpm.cluster import launch, sweep  # noqa: E402  (they import submitit)
+from ddpm.cluster import slurm as cluster  # noqa: E402
+from ddpm.run import restarts  # noqa: E402
+from jobs import submit as submit_job  # noqa: E402
+
+from conftest import ROOT, TINY_MNIST, python_env  # noqa: E402
 
 SUBMIT = [sys.executable, "-m", "jobs.submit"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
