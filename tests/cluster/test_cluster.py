@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ddpm.cluster import launch, requeue, sweep
+from ddpm.cluster import requeue, sweep
 from ddpm.cluster import slurm as cluster
 from ddpm.errors import REQUEUE_EXIT_CODE, UserError
 from ddpm.run import restarts
@@ -81,6 +81,7 @@ def test_plan_names_run_dirs_and_validates_every_value(config_only, tmp_path):
 
 
 def test_resources_checks_and_sbatch_parameters():
+    launch = pytest.importorskip("ddpm.cluster.launch", reason="submitit is not installed")
     res = launch.Resources(nodes=2, gpus_per_node=4, time_s=3600, partition="gpu", mem="64G", signal_delay_s=120)
     res.check()
     p = res.executor_parameters("cifar")
