@@ -19,8 +19,8 @@ import sys
 
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 from ddpm.evaluate.fidelity import WEIGHTS_URL
-from ddpm.evaluate.parts import PARTS, run
-from ddpm.evaluate.plan import Request, make_plan
+from ddpm.evaluate.parts import PARTS, run_parts
+from ddpm.evaluate.plan import EvaluationArgs, plan_evaluation
 
 EXAMPLES = f"""parts (--only, comma-separated): {', '.join(PARTS)}
   generative runs: all but denoiser (fid only with --fid-samples); one-step denoiser runs: curves, denoiser;
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip the predicted x0 to [-1, 1] at every ddpm/ddim step (default: sample.clip_x0)")
     p.add_argument("--steps", type=int, metavar="N", help="sampling steps (ddim <= T; ddpm always runs T)")
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM's stochasticity in [0, 1]: 0 deterministic, 1 as "
+                                                          "DDPM (default: sample.eta)")
     p.add_argument("--per-class", type=int, metavar="K", help="samples per class in the per-scale grids "
                                                                "(default: sample.per_class)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling noise (default: sample.seed)")
@@ -97,32 +99,29 @@ def main(argv=None) -> int:
         a = parse_args(argv)
     except SystemExit as e:  # --help (0) or a malformed option (2), also when called in-process
         return e.code
-    req = Request(run_dir=a.run_dir, checkpoint=a.checkpoint, ema=a.ema, guidance=a.guidance,
-                  convention=a.convention, sampler=a.sampler, steps=a.steps, per_class=a.per_class, seed=a.seed,
-                  device=a.device, only=a.only, inception_weights=a.inception_weights, export_npz=a.export_npz,
-                  classifier=a.classifier, metric_samples=a.metric_samples, table_samples=a.table_samples,
-                  fast_steps=a.fast_steps, reference_images=a.reference_images, clip_x0=a.clip_x0,
-                  fid_samples=a.fid_samples)
-    from ddpm.evaluate.sample_request import fast_model, fid_requests, run_request
+    from ddpm.evaluate.sample_sets import RankGroup, make_samples, sampling_model
     from ddpm.train import dist
     from ddpm.train.preempt import PreemptionHandler
 
-    info = None
+    info, log = None, lambda s: print(s, flush=True)
     try:
         info = dist.init_distributed("cpu" if a.device == "cpu" else "auto")
-        if req.device is None:
-            req.device = info.device.type
-        plan = make_plan(req)  # every check; nothing is written before it passes
-        if plan.fid_samples:
-            plan.fid_requests, fast = fid_requests(plan, plan.fid_samples), fast_model(plan)  # compiled once
+        ev = plan_evaluation(EvaluationArgs(  # every check; nothing is written before it passes
+            run_dir=a.run_dir, checkpoint=a.checkpoint, ema=a.ema, guidance=a.guidance, convention=a.convention,
+            sampler=a.sampler, steps=a.steps, eta=a.eta, per_class=a.per_class, seed=a.seed,
+            device=a.device or info.device.type, only=a.only, inception_weights=a.inception_weights,
+            export_npz=a.export_npz, classifier=a.classifier, metric_samples=a.metric_samples,
+            table_samples=a.table_samples, fast_steps=a.fast_steps, reference_images=a.reference_images,
+            clip_x0=a.clip_x0, fid_samples=a.fid_samples))
+        if ev.fid_sets:
+            model = sampling_model(ev.run)  # compiled once for every scale
             with PreemptionHandler() as preempt:  # only while shards are made: they are what a rerun keeps
-                for sp in plan.fid_requests:
-                    rc = run_request(sp, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
-                                     log=lambda s: print(s, flush=True), model=fast)
-                    if rc:
+                ranks = RankGroup(info.rank, info.world_size, dist.barrier, lambda: preempt.requested)
+                for samples in ev.fid_sets:
+                    if rc := make_samples(samples, ranks, log=log, model=model):
                         return rc
         if info.is_main:
-            run(plan, argv, log=lambda s: print(s, flush=True))
+            run_parts(ev, argv, log=log)
     except UserError as e:
         if info is None or info.is_main:
             print(f"error: {e}", file=sys.stderr)

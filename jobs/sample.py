@@ -10,8 +10,9 @@ from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
 
 EPILOG = """\
 output: RUN_DIR/samples/NAME.h5 (group 'samples': images uint8 (N, H, W, C), labels, the settings as
-  attrs); NAME defaults to step_<step>_<convention>_<scale>_<sampler><steps>[_raw][_clip]_n<num>_seed<seed>
-  (_raw: not the EMA weights; _clip: x0 clipped). jobs.evaluate --fid-samples N makes and reuses the same files.
+  attrs); NAME defaults to step_<step>_<convention>_<scale>_<sampler><steps>[_eta<eta>][_raw][_clip]_n<num>
+  _seed<seed> (_eta: DDIM with eta > 0; _raw: not the EMA weights; _clip: x0 clipped). jobs.evaluate
+  --fid-samples N makes and reuses the same files.
   --npz writes arr_0/arr_1 (the layout external evaluators read), --png-dir one PNG per sample.
 sample i's noise and label depend only on (seed, i): any number of processes gives the same samples.
 resuming: finished shards are kept; a killed or requeued job redoes only the rest; rerunning a finished
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--convention", metavar="gamma|w", help="guidance convention (default: sample.convention)")
     p.add_argument("--sampler", metavar="NAME", help="ddpm, ddim, euler, heun (default: sample.sampler; ddim on CPU)")
     p.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: sample.steps)")
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM's stochasticity in [0, 1]: 0 deterministic, 1 as "
+                                                          "DDPM (default: sample.eta)")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip the predicted x0 to [-1, 1] at every ddpm/ddim step (default: sample.clip_x0)")
     p.add_argument("--checkpoint", default="latest", metavar="WHICH", help="latest (default), a step, or a path")
@@ -48,21 +51,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ddpm.evaluate.sample_request import SampleRequest, plan_request, run_request
+    from ddpm.evaluate.sample_sets import RankGroup, SamplesArgs, make_samples, plan_samples
     from ddpm.train import dist
     from ddpm.train.preempt import PreemptionHandler
 
     info = None
     try:
         info = dist.init_distributed(args.device)
-        req = SampleRequest(run_dir=args.run_dir, num=args.num, guidance=args.guidance, convention=args.convention,
-                            sampler=args.sampler, steps=args.steps, checkpoint=args.checkpoint, ema=args.ema,
-                            seed=args.seed, batch=args.batch, out=args.out, png_dir=args.png_dir, npz=args.npz,
-                            device=info.device.type, clip_x0=args.clip_x0)
-        plan = plan_request(req)
+        samples = plan_samples(SamplesArgs(
+            run_dir=args.run_dir, num=args.num, guidance=args.guidance, convention=args.convention,
+            sampler=args.sampler, steps=args.steps, eta=args.eta, checkpoint=args.checkpoint, ema=args.ema,
+            seed=args.seed, batch=args.batch, out=args.out, png_dir=args.png_dir, npz=args.npz,
+            device=info.device.type, clip_x0=args.clip_x0))
         with PreemptionHandler() as preempt:
-            return run_request(plan, info.rank, info.world_size, dist.barrier, lambda: preempt.requested,
-                               log=lambda s: print(s, flush=True))
+            ranks = RankGroup(info.rank, info.world_size, dist.barrier, lambda: preempt.requested)
+            return make_samples(samples, ranks, log=lambda s: print(s, flush=True))
     except UserError as e:
         if info is None or info.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The evaluation parts that measure without a sampler (see :mod:`ddpm.evaluate.parts` for the table):
-loss curves from metrics.jsonl (every run), the one-step denoiser's noise-level sweep and out-of-
+"""The evaluation parts that measure without a sampler (see :mod:`ddpm.evaluate.parts` for the table; each
+takes (evaluation, out_dir, log)): loss curves from metrics.jsonl (every run), the one-step denoiser's noise-level sweep and out-of-
 distribution test on test images, and the noisy classifier's accuracy vs timestep.
 """
 import math
@@ -54,10 +54,11 @@ def loss_series(rows: list[dict]) -> dict:
             "lr": [r.get("lr") if r.get("lr") is not None else math.nan for r in rows]}
 
 
-def curves_part(plan, out, log) -> dict:
-    series = loss_series(read_metrics(plan.run_dir / "metrics.jsonl"))
-    fig = figures.loss_figure(out / "loss_curves.png", series, [f"Training curves · {plan.checkpoint_line}",
-                              "from metrics.jsonl (each logged step once, resumed runs included)"], plan.step)
+def curves_part(ev, out, log) -> dict:
+    run = ev.run
+    series = loss_series(read_metrics(run.run_dir / "metrics.jsonl"))
+    fig = figures.loss_figure(out / "loss_curves.png", series, [f"Training curves · {run.checkpoint_line}",
+                              "from metrics.jsonl (each logged step once, resumed runs included)"], run.step)
     final = [v for v in series["loss"] if not math.isnan(v)]
     smooth = [v for v in series["loss_smooth"] if not math.isnan(v)]
     return {"logged_steps": len(series["step"]), "first_step": series["step"][0] if series["step"] else None,
@@ -66,38 +67,40 @@ def curves_part(plan, out, log) -> dict:
             "figures": [fig]}
 
 
-def _to_model(plan, images_u8: torch.Tensor) -> torch.Tensor:
+def _to_model(cfg, images_u8: torch.Tensor) -> torch.Tensor:
     """Data set uint8 (N, C, H, W) → float in the model's normalisation (as StepBatcher feeds training)."""
     x = images_u8.float()
-    if plan.cfg.data.normalize is None:
+    if cfg.data.normalize is None:
         return x / 127.5 - 1
-    mean, std = plan.cfg.data.normalize
+    mean, std = cfg.data.normalize
     return (x / 255 - mean) / std
 
 
-def _test_batch(plan):
-    images, labels = load_dataset(plan.cfg.data.dataset, plan.cfg.data.root, train=False)
-    n = min(plan.metric_samples, len(images))
-    return _to_model(plan, images[:n]), labels[:n]
+def _test_batch(ev):
+    cfg = ev.run.cfg
+    images, labels = load_dataset(cfg.data.dataset, cfg.data.root, train=False)
+    n = min(ev.metric_samples, len(images))
+    return _to_model(cfg, images[:n]), labels[:n]
 
 
 @torch.no_grad()
-def denoiser_part(plan, out, log) -> dict:
-    x0, _ = _test_batch(plan)
-    train_sigma = plan.cfg.diffusion.sigma
+def denoiser_part(ev, out, log) -> dict:
+    run = ev.run
+    x0, _ = _test_batch(ev)
+    train_sigma = run.cfg.diffusion.sigma
     sigmas = sorted(set(DENOISER_SIGMAS) | {train_sigma})
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(plan.seed))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(ev.seed))
     mse_out, mse_in, shown = [], [], []
     for sigma in sigmas:
         noisy = x0 + sigma * noise
-        den = torch.cat([plan.net(noisy[i:i + 256].to(plan.device)).float().cpu() for i in range(0, len(x0), 256)])
+        den = torch.cat([run.net(noisy[i:i + 256].to(run.device)).float().cpu() for i in range(0, len(x0), 256)])
         mse_out.append(float((den - x0).pow(2).mean()))
         mse_in.append(float((noisy - x0).pow(2).mean()))
-        shown.append((plan.to_u8(noisy[:DENOISER_ROWS]), plan.to_u8(den[:DENOISER_ROWS])))
+        shown.append((run.to_u8(noisy[:DENOISER_ROWS]), run.to_u8(den[:DENOISER_ROWS])))
     # rows: digit 1 noisy, digit 1 denoised, digit 2 noisy, ...; columns: sigma
     cells = np.stack([np.stack([shown[j][k][i] for j in range(len(sigmas))])
                       for i in range(DENOISER_ROWS) for k in (0, 1)]).reshape(-1, *shown[0][0].shape[1:])
-    title = f"run {plan.cfg.name} · checkpoint step {plan.step} · one-step denoiser trained at σ={train_sigma:g}"
+    title = f"run {run.cfg.name} · checkpoint step {run.step} · one-step denoiser trained at σ={train_sigma:g}"
     figs = [grid_figure(
         out / "denoiser_sigmas.png", make_grid(cells, len(sigmas)), rows=2 * DENOISER_ROWS, cols=len(sigmas),
         title=["Noising x + σ·ε (odd rows) and the denoiser's output (even rows)", title],
@@ -114,23 +117,24 @@ def denoiser_part(plan, out, log) -> dict:
 
 
 @torch.no_grad()
-def classifier_part(plan, out, log) -> dict:
-    x0, labels = _test_batch(plan)
-    T = plan.cfg.diffusion.T
-    sched = schedule_for(plan.cfg).to("cpu", torch.float32)
+def classifier_part(ev, out, log) -> dict:
+    run = ev.run
+    x0, labels = _test_batch(ev)
+    T = run.cfg.diffusion.T
+    sched = schedule_for(run.cfg).to("cpu", torch.float32)
     ts = sorted({round(i * (T - 1) / 10) for i in range(11)})
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(plan.seed))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(ev.seed))
     acc = []
     for t in ts:
         tt = torch.full((len(x0),), t, dtype=torch.long)
         x_t = q_sample(sched, x0, tt, noise)
-        logits = torch.cat([plan.net(x_t[i:i + 256].to(plan.device), tt[i:i + 256].to(plan.device)).cpu()
+        logits = torch.cat([run.net(x_t[i:i + 256].to(run.device), tt[i:i + 256].to(run.device)).cpu()
                             for i in range(0, len(x0), 256)])
         acc.append(float((logits.argmax(1) == labels).float().mean()))
-    chance = 1 / plan.num_classes
+    chance = 1 / run.num_classes
     fig = figures.line_figure(
         out / "classifier_accuracy.png", ts, {"noisy classifier": acc},
-        title=["Noisy classifier: accuracy vs diffusion timestep", plan.checkpoint_line,
+        title=["Noisy classifier: accuracy vs diffusion timestep", run.checkpoint_line,
                f"{len(x0)} test images noised with q(x_t | x_0)"],
         xlabel=f"timestep t (0 = clean, {T - 1} = pure noise)", ylabel="test accuracy", hline=chance, ylim=(0, 1.02),
         hline_label=f"chance ({chance:.0%})")

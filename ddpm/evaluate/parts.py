@@ -1,8 +1,10 @@
-"""The evaluation's parts, in one table, and the run that executes a plan's parts in order and writes
-``RUN_DIR/eval/step_XXXXXXXXX/`` (figures, ``metrics.json``, ``report.md``) and ``RUN_DIR/samples.h5``.
+"""The evaluation's parts, in one table, and :func:`run_parts`, which runs an evaluation's parts in order
+and writes ``RUN_DIR/eval/step_XXXXXXXXX/`` (figures, ``metrics.json``, ``report.md``) and
+``RUN_DIR/samples.h5``.
 
-Each part function takes (plan, out_dir, log), writes its figures into out_dir and returns a JSON-ready
-section for ``metrics.json``. ``--only`` names parts (what the user asks for); a section is what runs:
+Each part function takes (evaluation, out_dir, log) (an :class:`ddpm.evaluate.plan.Evaluation`), writes
+its figures into out_dir and returns a JSON-ready section for ``metrics.json``; a new part is one function
+and one row of SECTIONS. ``--only`` names parts (what the user asks for); a section is what runs:
 ``grids`` and ``metrics`` both ask for the guidance sweep, which makes the grids and scores the samples.
 """
 import json
@@ -13,9 +15,8 @@ from pathlib import Path
 import torch
 
 from ddpm.errors import UserError
-from ddpm.evaluate import feature_cnn, measured, report, sampled
+from ddpm.evaluate import measured, report, sampled
 from ddpm.evaluate.hparams import write_hparams
-from ddpm.evaluate.metrics import file_sha256
 from ddpm.run.atomic import atomic_write
 from ddpm.run.samples import export_npz
 
@@ -54,10 +55,10 @@ def parse_only(text: str | None, kind: str, objective: str) -> tuple:
     return tuple(p for p in PARTS if p in names)
 
 
-def tasks(plan) -> list:
-    """(section, function) in running order for the plan's kind and parts."""
+def tasks(ev) -> list:
+    """(section, function) in running order for the evaluation's kind of run and parts."""
     return [(section, fn) for section, fn, kinds, asks in SECTIONS
-            if plan.kind in kinds and set(asks) & set(plan.parts)]
+            if ev.run.objective.kind in kinds and set(asks) & set(ev.parts)]
 
 
 def versions() -> dict:
@@ -72,53 +73,57 @@ def versions() -> dict:
             "ddpm-hpc": ddpm.__version__}
 
 
-def run(plan, argv: list | None = None, log=print) -> dict:
-    """Run the planned parts; write figures, samples, metrics.json and report.md. Returns the metrics."""
+def _sampling_sections(ev) -> dict:
+    """metrics.json's "sampler" and "guidance" (empty for a run that makes no samples)."""
+    ch = ev.sampling
+    if ch is None:
+        return {"sampler": {"name": None, "steps": None, "note": None, "clip_x0": ev.run.cfg.sample.clip_x0,
+                            "eta": None, "fast_sampler": None, "fast_steps": None},
+                "guidance": {"convention": None, "scales": [], "display_scale": None, "conditional": False}}
+    return {"sampler": {"name": ch.main.sampler, "steps": ch.main.steps, "note": ch.note or None,
+                        "clip_x0": ch.main.clip_x0, "eta": ch.main.eta, "fast_sampler": ch.fast.sampler,
+                        "fast_steps": ch.fast.steps},
+            "guidance": {"convention": ch.convention, "scales": list(ch.scales), "display_scale": ch.display_scale,
+                         "conditional": ch.conditional}}
+
+
+def run_parts(ev, argv: list | None = None, log=print) -> dict:
+    """Run the evaluation's parts; write figures, samples, metrics.json and report.md. Returns the metrics."""
     t_start = time.perf_counter()
-    out = plan.out_dir
+    out = ev.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    cfg = plan.cfg
-    classifier = None
-    if plan.classifier is not None:
-        _, meta, path = plan.classifier
-        classifier = {"path": str(path), "sha256": file_sha256(path), "test_accuracy": meta.get("test_accuracy"),
-                      "train_images": meta.get("train_images"), "subset": bool(meta.get("subset")),
-                      "subset_note": feature_cnn.subset_note(meta)}
+    run, cfg = ev.run, ev.run.cfg
+    classifier = ev.scorers.describe_classifier()
     metrics = {
-        "run_dir": str(plan.run_dir), "run_name": cfg.name, "objective": cfg.diffusion.objective,
+        "run_dir": str(run.run_dir), "run_name": cfg.name, "objective": cfg.diffusion.objective,
         "dataset": cfg.data.dataset, "config_hash": cfg.hash(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python -m jobs.evaluate " + " ".join(argv) if argv is not None else None,
-        "checkpoint": {"step": plan.step, "path": str(plan.checkpoint_path), "ema": plan.ema},
-        "seed": plan.seed, "device": str(plan.device), "parts": list(plan.parts),
-        "sampler": {"name": plan.sampler, "steps": plan.steps, "note": plan.sampler_note or None,
-                    "clip_x0": plan.clip_x0,
-                    "fast_sampler": plan.fast_sampler, "fast_steps": plan.fast_steps},
-        "guidance": {"convention": plan.convention if plan.kind == "generative" else None,
-                     "scales": plan.scales, "display_scale": plan.display_scale if plan.scales else None,
-                     "conditional": plan.conditional},
-        "samples": {"per_class": plan.per_class, "metric_samples": plan.metric_samples,
-                    "table_samples": plan.table_samples},
-        "classifier": classifier, "classifier_note": plan.classifier_note or None,
-        "inception": plan.inception.describe() if plan.inception is not None else None,
-        "versions": versions(), "archive": {"path": str(plan.run_dir / "samples.h5"), "groups": []},
-        "export_npz": None, "notes": plan.notes, "timings_s": {}, "sections": {},
+        "checkpoint": {"step": run.step, "path": str(run.checkpoint_path), "ema": run.ema},
+        "seed": ev.seed, "device": str(run.device), "parts": list(ev.parts),
+        **_sampling_sections(ev),
+        "samples": {"per_class": ev.per_class, "metric_samples": ev.metric_samples,
+                    "table_samples": ev.table_samples},
+        "classifier": classifier, "classifier_note": ev.scorers.note or None,
+        "inception": ev.scorers.inception.describe() if ev.scorers.inception is not None else None,
+        "versions": versions(), "archive": {"path": str(run.run_dir / "samples.h5"), "groups": []},
+        "export_npz": None, "notes": list(ev.notes), "timings_s": {}, "sections": {},
     }
-    for note in plan.notes + [plan.classifier_note] * bool(plan.classifier_note) + [c for c in [
-            classifier and classifier["subset_note"]] if c]:
-        log(f"warning: {note}")
-    if plan.sampler_note:
-        log(f"note: sampler: {plan.sampler_note}")
-    for name, fn in tasks(plan):
+    for note in [*ev.notes, ev.scorers.note, classifier and classifier["subset_note"]]:
+        if note:
+            log(f"warning: {note}")
+    if ev.sampling and ev.sampling.note:
+        log(f"note: sampler: {ev.sampling.note}")
+    for name, fn in tasks(ev):
         t0 = time.perf_counter()
         log(f"[eval] {name} ...")
-        section = fn(plan, out, log)
+        section = fn(ev, out, log)
         metrics["sections"][name] = section
         metrics["archive"]["groups"] += section.pop("archive_groups", [])
         metrics["timings_s"][name] = round(time.perf_counter() - t0, 3)
         log(f"[eval] {name} done in {metrics['timings_s'][name]:.1f} s")
-    if plan.export_npz is not None and metrics["archive"]["groups"]:
-        n = export_npz(plan.run_dir / "samples.h5", plan.export_npz, metrics["archive"]["groups"])
-        metrics["export_npz"] = {"path": str(plan.export_npz), "images": n}
+    if ev.export_npz is not None and metrics["archive"]["groups"]:
+        n = export_npz(run.run_dir / "samples.h5", ev.export_npz, metrics["archive"]["groups"])
+        metrics["export_npz"] = {"path": str(ev.export_npz), "images": n}
     metrics["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     metrics = _merge_previous(out / "metrics.json", metrics)
     tb = write_hparams(out, cfg, metrics)

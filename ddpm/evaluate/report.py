@@ -47,7 +47,7 @@ def render(m: dict) -> str:
             ["config hash", m["config_hash"]], ["seed", m["seed"]], ["device", m["device"]]]
     if s["name"]:
         info.append(["sampler", f"{s['name']}, {s['steps']} steps" + (", x0 clipped to [-1, 1]" if s.get("clip_x0") else "")
-                     + (f" ({s['note']})" if s["note"] else "")])
+                     + (f", eta {s['eta']:g}" if s.get("eta") else "") + (f" ({s['note']})" if s["note"] else "")])
         info.append(["fast sampler (progression, interpolation)", f"{s['fast_sampler']}, {s['fast_steps']} steps"])
         if g["conditional"]:
             info.append(["guidance", f"{g['convention']} convention: {', '.join(f'{x:g}' for x in g['scales'])} "

@@ -277,10 +277,28 @@ def test_unconditional_and_flow_runs(tmp_path, config_path):
     flow = _fake_run(tmp_path, config_path, "flow", ["diffusion.objective=rectified_flow", "sample.sampler=euler"])
     assert evaluate([str(flow), "--only", "gifs,steps", "--table-samples", "2", "--steps", "6"]) == 0
     m = json.loads((flow / "eval" / "step_000000005" / "metrics.json").read_text())
-    assert m["sampler"] == {"name": "euler", "steps": 6, "note": None, "clip_x0": False, "fast_sampler": "euler",
-                            "fast_steps": 20}
+    assert m["sampler"] == {"name": "euler", "steps": 6, "note": None, "clip_x0": False, "eta": 0.0,
+                            "fast_sampler": "euler", "fast_steps": 20}
     assert m["sections"]["gifs"]["frames"] == 7
     assert [r["sampler"] for r in m["sections"]["steps"]["rows"]] == ["euler"] * 4 + ["heun"] * 4
+
+
+def test_ddim_eta_is_carried_into_the_samples_and_every_record(tmp_path, config_path):
+    run_dir = _fake_run(tmp_path, config_path, "eta", [])
+    args = [str(run_dir), "--only", "grids", "--guidance", "3", "--sampler", "ddim", "--steps", "4", "--device", "cpu",
+            "--metric-samples", "10"]
+    assert evaluate(args + ["--eta", "0.5"]) == 0
+    out = run_dir / "eval" / "step_000000005"
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["sampler"]["name"], m["sampler"]["eta"], m["sampler"]["fast_sampler"]) == ("ddim", 0.5, "ddim")
+    assert "ddim, 4 steps, eta 0.5" in (out / "report.md").read_text()
+    with h5py.File(run_dir / "samples.h5", "r") as f:
+        stochastic = f["eval/step_000000005/gamma_3"]["images"][()]
+        assert f["eval/step_000000005/gamma_3"].attrs["eta"] == 0.5
+    assert evaluate(args) == 0  # the config's eta: 0, deterministic
+    with h5py.File(run_dir / "samples.h5", "r") as f:
+        assert not np.array_equal(f["eval/step_000000005/gamma_3"]["images"][()], stochastic)
+        assert f["eval/step_000000005/gamma_3"].attrs["eta"] == "none"
 
 
 # ---- bad inputs: one line, exit 2, nothing written -----------------------------------------------
@@ -319,6 +337,8 @@ def test_bad_inputs_write_nothing(tmp_path, run, evaluated, config_path, capsys)
             (["--sampler", "euler"], "does not fit diffusion.objective=eps"),
             (["--steps", "51"], "--steps 51 exceeds diffusion.T=50"),
             (["--sampler", "ddpm", "--steps", "20"], "ddpm sampler always runs all T=50 steps"),
+            (["--eta", "0.5", "--sampler", "ddpm"], "--eta 0.5 is DDIM's stochasticity"),
+            (["--eta", "-1"], "--eta must be in [0, 1]"),
             (["--inception-weights", str(tmp_path / "inception.pt")], "Inception weights"),
             (["--inception-weights", str(junk)], "are not a plain tensor state dict"),
             (["--classifier", str(tmp_path / "clf.pt")], "not found"),

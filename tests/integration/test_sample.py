@@ -66,6 +66,19 @@ def test_a_stochastic_sampler_gives_the_same_samples_for_any_shard_size(run):
     assert "already complete" in job(run, *ddpm, "--batch", 5, "--out", "ddpm7").stdout
 
 
+def test_ddim_with_eta_is_named_for_it_and_the_same_for_any_shard_size(run, one_process):
+    """DDIM with eta > 0 draws per-step noise as a function of (seed, sample index, step), like DDPM: shards
+    of 7 and of 20 give the same bytes; the file's default name and attrs carry eta."""
+    eta = ["--num", 20, "--sampler", "ddim", "--steps", "5", "--guidance", "3", "--eta", "0.5"]
+    assert job(run, *eta, "--batch", 7).returncode == 0
+    r = job(run, *eta, "--batch", 20, "--out", "eta20")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = read(run, "step_000000010_gamma_3_ddim5_eta0.5_n20_seed1234"), read(run, "eta20")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2]["eta"] == 0.5
+    (deterministic, _, _), _, _ = one_process  # the same request with eta 0 (its first 20 samples)
+    assert not np.array_equal(a[0], deterministic[:20])
+
+
 def test_two_processes_under_torchrun_give_the_same_samples_bit_for_bit(run, one_process):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
                 "-m", "jobs.sample"]
@@ -173,6 +186,8 @@ def test_bad_inputs_are_one_line_exit_2_and_overwrite_nothing(run, one_process, 
         ([str(run), "--num", "10", "--png-dir", str(tmp_path / "file" / "png"), *FAST], "is not a writable directory"),
         ([str(run), "--num", "300", "--batch", "50", "--out", "one", *FAST[:-1], "5"], "other settings (differs in guidance)"),
         ([str(run), "--num", "10", "--out", "../x"], "must be a plain name"),
+        ([str(run), "--num", "10", "--eta", "0.5", "--sampler", "ddpm"], "--eta 0.5 is DDIM's stochasticity"),
+        ([str(run), "--num", "10", "--eta", "2"], "--eta must be in [0, 1]"),
     ]
     for argv, message in cases:
         assert sample(argv) == 2, argv
