@@ -13,23 +13,28 @@ import torch
 
 from ddpm.data.batcher import SAMPLE_STREAM, STEP_STREAM, mix_seed
 from ddpm.data.datasets import DATASETS
-from ddpm.diffusion.objectives import OBJECTIVES, Objective
+from ddpm.diffusion.objectives import OBJECTIVES, EDMPreconditioned, Objective, RectifiedFlow
 from ddpm.diffusion.samplers import (
     StepNoise,
+    Trajectory,
     classifier_free_guidance,
     ddim_timesteps,
     flow_times,
+    karras_sigmas,
+    karras_timesteps,
     sample_ddim,
     sample_ddpm,
+    sample_dpmpp_2m,
     sample_euler,
     sample_heun,
 )
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.errors import UserError
 
-SAMPLERS = ("ddpm", "ddim", "euler", "heun")
-DEFAULT_STEPS = {"ddim": 50, "euler": 100, "heun": 50}
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
+DEFAULT_STEPS = {"ddim": 50, "euler": 100, "heun": 50, "dpmpp_2m": 25}
 EVALUATIONS_PER_STEP = {"heun": 2}  # network evaluations per step where not 1 (a CFG pair in one batch counts once)
+CLIPPING = ("ddpm", "ddim", "dpmpp_2m")  # the samplers that clip x0_hat with clip_x0
 
 
 def network_evaluations(sampler: str, steps: int) -> int:
@@ -53,9 +58,10 @@ def objective_for(cfg) -> Objective:
 class Sampling:
     """How to sample: with a seed and sample indices it determines every sample.
 
-    sampler: ddpm | ddim | euler | heun; steps: what it runs (ddpm: T); guidance: the scale in
-    ``convention`` (gamma | w; ignored by unconditional nets); clip_x0: clip the predicted clean image to
-    [-1, 1] at every DDPM/DDIM step (the DDPM paper's sampler); eta: DDIM's stochasticity (0: deterministic).
+    sampler: ddpm | ddim | euler | heun | dpmpp_2m; steps: what it runs (ddpm: T; dpmpp_2m: its network
+    evaluations); guidance: the scale in ``convention`` (gamma | w; ignored by unconditional nets); clip_x0:
+    clip the predicted clean image to [-1, 1] at every DDPM/DDIM/DPM-Solver++ step (the DDPM paper's
+    sampler); eta: DDIM's stochasticity (0: deterministic).
     """
     sampler: str
     steps: int
@@ -66,7 +72,7 @@ class Sampling:
 
     def describe(self) -> str:
         """e.g. "ddim 50 steps, x0 clipped" (the guidance is named where it is shown)."""
-        clip = ", x0 clipped" if self.clip_x0 and self.sampler in ("ddpm", "ddim") else ""
+        clip = ", x0 clipped" if self.clip_x0 and self.sampler in CLIPPING else ""
         eta = f", eta {self.eta:g}" if self.sampler == "ddim" and self.eta else ""
         return f"{self.sampler} {self.steps} steps{clip}{eta}"
 
@@ -89,6 +95,8 @@ def sampling_for(cfg, *, sampler: str | None = None, steps: int | None = None, g
         raise UserError(f"the ddpm sampler always runs all T={T} steps; use sampler ddim for {steps} steps")
     if sampler == "ddim" and not 1 <= steps <= T:
         raise UserError(f"DDIM steps must be in [1, T={T}], got {steps}")
+    if sampler == "dpmpp_2m":
+        trajectory_for(cfg, steps)  # the UserError for steps that do not fit
     convention = convention or s.convention
     neutral = 1.0 if convention == "gamma" else 0.0
     return Sampling(sampler, int(steps), float(neutral if guidance is None else guidance), convention,
@@ -140,5 +148,23 @@ def generate(model, cfg, spec: Sampling, labels=None, *, seed: int, indices: Seq
     if spec.sampler == "ddim":
         return sample_ddim(model, x, ddim_timesteps(T, spec.steps), labels, schedule=schedule_for(cfg), noise=noise,
                            eta=spec.eta, clip_x0=spec.clip_x0, callback=callback)
+    if spec.sampler == "dpmpp_2m":
+        steps = trajectory_for(cfg, spec.steps)
+        if issubclass(OBJECTIVES[cfg.diffusion.objective], EDMPreconditioned):
+            x = steps.sigmas[0] * x  # x = x0 + sigma eps starts at sigma_max eps (the others at about eps)
+        return sample_dpmpp_2m(model, x, steps, labels, clip_x0=spec.clip_x0, callback=callback)
     flow = sample_euler if spec.sampler == "euler" else sample_heun
     return flow(model, x, flow_times(spec.steps), labels, callback=callback)
+
+
+def trajectory_for(cfg, steps: int) -> Trajectory:
+    """The points DPM-Solver++ visits with ``steps`` network evaluations: for the discrete objectives
+    :func:`karras_timesteps` of the run's schedule (1 <= steps <= T), for rectified flow evenly spaced
+    times from 1 (the last point at 1 / steps), for EDM :func:`karras_sigmas` over its sigma range."""
+    obj = OBJECTIVES[cfg.diffusion.objective]
+    if issubclass(obj, RectifiedFlow):
+        return Trajectory.flow(flow_times(steps)[:-1])
+    if issubclass(obj, EDMPreconditioned):
+        return Trajectory.noise_levels(karras_sigmas(steps, obj.SIGMA_MIN, obj.SIGMA_MAX))
+    sched = schedule_for(cfg)
+    return Trajectory.discrete(sched, karras_timesteps(sched, steps))

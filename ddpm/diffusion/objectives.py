@@ -13,6 +13,8 @@ Randomness (noise, t, label-drop mask) is passed in, never drawn here except thr
 generator: the training loop draws it as a pure function of (seed, step) so a resumed run repeats it.
 Adding an objective is one class here (registered with ``@objective``) plus its tests.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +54,7 @@ class Objective:
     one-step denoiser's noise level; ``num_classes``: the net's classes (0: unconditional)."""
     name = ""
     kind = "generative"              # generative | denoiser | classifier: what an evaluation can do with a run
-    samplers = ("ddpm", "ddim")      # the samplers that integrate its denoiser
+    samplers = ("ddpm", "ddim", "dpmpp_2m")  # the samplers that integrate its denoiser
     arch: str | None = None          # the one net architecture it trains, if any
     quartiles = True                 # loss/q0..q3 by noise level (False: a single noise level)
 
@@ -145,7 +147,7 @@ class VPrediction(_Prediction):
 class RectifiedFlow(Objective):
     """``x_t = (1 - t) x0 + t eps`` with float t in [0, 1], target velocity ``eps - x0`` (Liu et al. 2023,
     eq. 1); the net's output is the velocity the flow samplers integrate."""
-    samplers = ("euler", "heun")
+    samplers = ("euler", "heun", "dpmpp_2m")
 
     def draw(self, gen, n, device):
         return torch.rand(n, generator=gen, device=device)
@@ -159,6 +161,58 @@ class RectifiedFlow(Objective):
 
     def denoiser(self, net):
         return net
+
+
+@objective("edm")
+class EDMPreconditioned(Objective):
+    """Karras et al. 2022 ("EDM", Table 1, right column): ``x = x0 + sigma n`` with
+    ``ln sigma ~ N(P_MEAN, P_STD^2)``; the net F is preconditioned, ``D(x; sigma) = c_skip x + c_out F(c_in x;
+    c_noise)`` (eq. 7) with ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+    ``c_in = 1 / sqrt(sigma^2 + sd^2)`` (sd: SIGMA_DATA), and trained with ``lambda(sigma) ||D - x0||^2``,
+    ``lambda = 1 / c_out^2`` (eq. 8), i.e. ``||F - (x0 - c_skip x) / c_out||^2``: a unit-variance target at
+    every noise level. EDM's c_noise is ``ln(sigma) / 4``; our nets take a time in [0, 1], so ln sigma is
+    mapped affinely, [SIGMA_MIN, SIGMA_MAX] onto [0, 1] (:meth:`net_time`).
+
+    Noise levels are floats (B,) sigma; the denoiser is ``(x, sigma, y) -> eps = (x - D) / sigma``, an eps
+    model of ``x = x0 + sigma eps`` (alpha 1), which DPM-Solver++ integrates over :func:`ddpm.diffusion.
+    samplers.karras_sigmas` from SIGMA_MAX.
+    """
+    samplers = ("dpmpp_2m",)
+    SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2   # Table 1: CIFAR-10's sigma_data; the training distribution
+    SIGMA_MIN, SIGMA_MAX = 0.002, 80.0           # Table 1: the sampler's range
+
+    def draw(self, gen, n, device):
+        return (self.P_MEAN + self.P_STD * torch.randn(n, generator=gen, device=device)).exp()
+
+    def bucket(self, sigma):
+        """Quartiles of the training distribution of sigma (each holds a quarter of the draws)."""
+        z = (sigma.double().log() - self.P_MEAN) / self.P_STD
+        return (torch.special.ndtr(z) * 4).long().clamp(0, 3)
+
+    def net_time(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_noise: ln sigma mapped onto the nets' time in [0, 1] (SIGMA_MIN -> 0, SIGMA_MAX -> 1), float32 (B,)."""
+        lo, hi = math.log(self.SIGMA_MIN), math.log(self.SIGMA_MAX)
+        return ((sigma.float().log() - lo) / (hi - lo)).reshape(-1)
+
+    def coefficients(self, sigma: torch.Tensor, ndim: int):
+        """(c_skip, c_out, c_in), each float32 (B, 1, ..., 1)."""
+        s = sigma.float().reshape(-1, *([1] * (ndim - 1)))
+        sd2 = self.SIGMA_DATA ** 2
+        norm = (s ** 2 + sd2).rsqrt()
+        return sd2 * norm ** 2, s * self.SIGMA_DATA * norm, norm
+
+    def loss(self, net, x0, y, noise, t, drop):
+        c_skip, c_out, c_in = self.coefficients(t, x0.ndim)
+        x = x0.float() + t.float().reshape(c_in.shape) * noise.float()
+        out = net(c_in * x, self.net_time(t), self.labels(y, drop))
+        return _mse(out, (x0.float() - c_skip * x) / c_out)
+
+    def denoiser(self, net):
+        def eps(x, sigma, y):
+            c_skip, c_out, c_in = self.coefficients(sigma, x.ndim)
+            d = c_skip * x + c_out * net(c_in * x, self.net_time(sigma), y).float()
+            return (x - d) / sigma.float().reshape(c_in.shape)
+        return eps
 
 
 @objective("denoiser")

@@ -7,8 +7,8 @@
   function below; any callable of that shape works (the closed-form models of the tests).
 - ``x`` (B, C, H, W): the starting noise. The caller draws it, so that sample i depends on its own noise
   only (:func:`ddpm.diffusion.from_config.start_noise`).
-- ``steps``: what the sampler visits: timesteps in [0, T), descending (DDPM, DDIM), or flow times from 1
-  to 0 (Euler, Heun).
+- ``steps``: what the sampler visits: timesteps in [0, T), descending (DDPM, DDIM), flow times from 1
+  to 0 (Euler, Heun), or a :class:`Trajectory` (DPM-Solver++, for every objective).
 - ``labels``: LongTensor (B,) or None.
 - ``noise``: the per-step noise of a stochastic sampler, a :class:`StepNoise`: sample i's noise at step k
   is a function of (its seed, k), never of the batch it happens to share.
@@ -19,6 +19,7 @@ Every sampler runs under ``torch.inference_mode()`` and returns the final x (B, 
 come from the float64 schedule on the host as Python floats, so the loop issues no device-to-host syncs.
 """
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -277,6 +278,108 @@ def sample_heun(model: Model, x: torch.Tensor, steps: Sequence[float], labels=No
         x_euler = x + (t_next - t) * v
         x = x + (t_next - t) * 0.5 * (v + _velocity(model, x_euler, t_next, labels))
     return x
+
+
+# ----- DPM-Solver++(2M): any objective, as x = alpha x0 + sigma eps --------------------------------
+@dataclass(frozen=True)
+class Trajectory:
+    """The points an ODE solver visits from noise towards data, ``x = alpha x0 + sigma eps`` at each; after
+    the last it lands on the clean image. ``times``: the model's time input there (timesteps in [0, T),
+    flow times in (0, 1], or EDM's sigmas); ``output``: what the model returns, ``eps`` (x0 = (x - sigma
+    out) / alpha) or ``velocity`` (rectified flow's v = eps - x0, alpha = 1 - sigma: x0 = x - sigma v)."""
+    times: tuple
+    alphas: tuple
+    sigmas: tuple
+    output: str = "eps"
+
+    def __post_init__(self):
+        if not len(self.times) == len(self.alphas) == len(self.sigmas) >= 1 or self.output not in ("eps", "velocity"):
+            raise UserError("a trajectory needs one alpha and one sigma per time, and an output eps or velocity")
+
+    @classmethod
+    def discrete(cls, schedule: NoiseSchedule, timesteps: Sequence[int]) -> "Trajectory":
+        """Timesteps of a discrete schedule (eps, x0 and v objectives: their denoiser returns eps)."""
+        ab = [schedule.alpha_bars[t].item() for t in timesteps]
+        return cls(tuple(map(int, timesteps)), tuple(math.sqrt(a) for a in ab), tuple(math.sqrt(1 - a) for a in ab))
+
+    @classmethod
+    def flow(cls, times: Sequence[float]) -> "Trajectory":
+        """Rectified-flow times in (0, 1] (``x_t = (1 - t) x0 + t eps``; the model returns the velocity)."""
+        return cls(tuple(float(t) for t in times), tuple(1.0 - t for t in times), tuple(float(t) for t in times),
+                   "velocity")
+
+    @classmethod
+    def noise_levels(cls, sigmas: Sequence[float]) -> "Trajectory":
+        """Noise levels of ``x = x0 + sigma eps`` (Karras et al. 2022; the model's time input is sigma)."""
+        return cls(tuple(float(s) for s in sigmas), (1.0,) * len(sigmas), tuple(float(s) for s in sigmas))
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """n noise levels from sigma_max down to sigma_min, evenly spaced in ``sigma^(1/rho)`` (Karras et al.
+    2022, eq. 5; rho = 7 puts more steps at low noise, where the images' detail is decided)."""
+    if n < 1:
+        raise UserError(f"sampler steps must be >= 1, got {n}")
+    if n == 1:
+        return [float(sigma_max)]
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / (n - 1) * (b - a)) ** rho for i in range(n)]
+
+
+def karras_timesteps(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> list[int]:
+    """n distinct timesteps of a discrete schedule, descending from T - 1 to 0, nearest (in log sigma) to
+    :func:`karras_sigmas` between the schedule's own extremes, with ``sigma = sqrt((1 - ab) / ab)`` the
+    noise level of ``x / sqrt(ab)`` (Karras et al. 2022, section 3; k-diffusion quantises the same way).
+    Where rounding would repeat a timestep the next free one is taken, so every n in [1, T] gives n steps."""
+    T = schedule.T
+    if not 1 <= n <= T:
+        raise UserError(f"sampler steps must be in [1, T={T}], got {n}")
+    log_sigma = ((1 - schedule.alpha_bars) / schedule.alpha_bars).log() / 2      # increasing in t
+    wanted = torch.tensor(karras_sigmas(n, log_sigma[0].exp().item(), log_sigma[-1].exp().item(), rho),
+                          dtype=torch.float64).log()
+    nearest = (log_sigma[None, :] - wanted[:, None]).abs().argmin(1).tolist()
+    out = []
+    for k, t in enumerate(nearest):   # strictly descending, leaving room for the n - 1 - k steps below
+        t = T - 1 if k == 0 else min(t, out[-1] - 1)
+        out.append(max(t, n - 1 - k))
+    return out
+
+
+def _log_snr(a: float, s: float) -> float:
+    """lambda = log(alpha / sigma) (Lu et al. 2022, section 2), -inf at pure noise and +inf at data."""
+    return -math.inf if a <= 0 else math.inf if s <= 0 else math.log(a / s)
+
+
+@torch.inference_mode()
+def sample_dpmpp_2m(model: Model, x: torch.Tensor, steps: Trajectory, labels=None, *, noise=None, clip_x0: bool = False,
+                    callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the multistep second-order solver of
+    the probability-flow ODE in the data prediction x0, one network evaluation per point of ``steps``.
+
+    With ``lambda = log(alpha / sigma)``, ``h_i = lambda_{i+1} - lambda_i``: ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i
+    - alpha_{i+1} (exp(-h_i) - 1) D_i``, D_i = x0_hat_i at the first step and ``(1 + 1 / (2 r_i)) x0_hat_i - 1 /
+    (2 r_i) x0_hat_{i-1}``, ``r_i = h_{i-1} / h_i``, after it; from the last point it lands on its x0_hat, as
+    DDIM's last step. First order everywhere this is DDIM (Song et al. 2021, eq. 12). ``clip_x0`` clips every
+    x0_hat to [-1, 1] (the thresholding data prediction allows, Lu et al. 2022, section 3.3). Deterministic."""
+    x = x.float().clone()
+    prev = h_prev = None
+    for k, t in enumerate(steps.times):
+        at = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
+        out, a, s = model(x, at, labels).float(), steps.alphas[k], steps.sigmas[k]
+        x0 = x - s * out if steps.output == "velocity" else (x - s * out) / a
+        x0 = x0.clamp(-1, 1) if clip_x0 else x0
+        if callback is not None:
+            callback(k, t, x, x0)
+        if k == len(steps.times) - 1:
+            return x0
+        a_next, s_next = steps.alphas[k + 1], steps.sigmas[k + 1]
+        h = _log_snr(a_next, s_next) - _log_snr(a, s)
+        d = x0
+        if prev is not None and math.isfinite(h_prev) and math.isfinite(h):
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev
+        # alpha_{i+1} (1 - exp(-h)) written without exp(-h): exact also where alpha_i = 0 (flow time 1).
+        x = (s_next / s) * x + (a_next - s_next * a / s) * d
+        prev, h_prev = x0, h
 
 
 # ----- interpolation -----------------------------------------------------------------------------
