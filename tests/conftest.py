@@ -1,8 +1,13 @@
-"""Shared fixtures: the repository root, the verified MNIST files and the real CIFAR-10 subset from
-../shared, a live SLURM cluster."""
+"""Shared fixtures and helpers: the repository root, the verified MNIST files and the real CIFAR-10 subset
+from ../shared, a live SLURM cluster, the tiny MNIST config, training jobs in subprocesses (start, wait for a
+step, an uninterrupted reference run, the latest checkpoint's weights)."""
+import json
 import os
+import resource
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,26 @@ def mnist_root(tmp_path_factory):
     # The files are present with the right md5s, so this downloads nothing and only unpacks them.
     torchvision.datasets.MNIST(str(root), train=True, download=True)
     torchvision.datasets.MNIST(str(root), train=False, download=True)
+    return root
+
+
+def write_small_mnist(root, n_train: int, n_test: int):
+    """The first images of the real MNIST splits as a data root (epochs of a few steps), in the IDX format."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    if not (MNIST_GZ / "train-images-idx3-ubyte.gz").exists():
+        _missing(f"MNIST .gz files not found in {MNIST_GZ} (set DDPM_SHARED)")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = gzip.open(MNIST_GZ / f"{prefix}-images-idx3-ubyte.gz").read()[16:16 + n * 784]
+        labels = gzip.open(MNIST_GZ / f"{prefix}-labels-idx1-ubyte.gz").read()[8:8 + n]
+        assert len(images) == n * 784 and np.frombuffer(labels, np.uint8).max() < 10
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels)
     return root
 
 
@@ -74,12 +99,92 @@ sample: {{sampler: ddim, steps: 5, guidance: [1.0, 3.0], per_class: 1}}
 """
 
 
+def write_tiny_config(directory, data_root, filename="tiny.yaml", **sections) -> Path:
+    """Write :data:`TINY_MNIST` reading ``data_root`` into ``directory``; return its path. ``sections``: a
+    section's flow mapping in place of the tiny one's, e.g. ``log="{every: 2, test_images: 40}"``."""
+    lines = TINY_MNIST.format(root=data_root).splitlines()
+    for key, value in sections.items():
+        at = [i for i, line in enumerate(lines) if line.startswith(f"{key}:")]
+        assert at, f"TINY_MNIST has no section {key}"
+        lines[at[0]] = f"{key}: {value}"
+    path = Path(directory) / filename
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path, mnist_root):
     """Path of a tiny CPU MNIST config (20 steps of a D=8 CS180 UNet, T=50) reading the real MNIST."""
-    path = tmp_path / "tiny_mnist.yaml"
-    path.write_text(TINY_MNIST.format(root=mnist_root))
-    return path
+    return write_tiny_config(tmp_path, mnist_root, "tiny_mnist.yaml")
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    """A tiny config for validation only (its data root is never read)."""
+    return write_tiny_config(tmp_path, tmp_path / "no-data")
+
+
+# ----- training jobs in subprocesses (kill, resume and fault tests) ----------------------------------
+TRAIN = [sys.executable, "-m", "jobs.train"]
+
+
+def start_train(config, run_dir, *overrides, limit_bytes=None, merge_stderr=True) -> subprocess.Popen:
+    """``python -m jobs.train`` in a subprocess (text pipes; stderr into stdout unless ``merge_stderr`` is
+    false); ``limit_bytes``: a file-size limit in the child only, so writes beyond it fail with EFBIG."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+
+    return subprocess.Popen([*TRAIN, "--config", str(config), "--run-dir", str(run_dir), *map(str, overrides)],
+                            cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                            preexec_fn=limit if limit_bytes else None)
+
+
+def wait_for_step(run_dir, step, proc, timeout=120) -> None:
+    """Wait until ``run_dir/metrics.jsonl`` has a row of step >= ``step``; fail if ``proc`` exits first."""
+    from ddpm.run.metrics_log import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists() and any(r["step"] >= step for r in read_metrics(path)):
+            return
+        assert proc.poll() is None, f"training exited early:\n{proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def train_reference(config, run_dir, *overrides, timeout=300) -> Path:
+    """An uninterrupted run in a subprocess with the same environment (thread count) as the interrupted runs
+    it is compared with: bit-exactness holds for a fixed machine and thread count."""
+    proc = start_train(config, run_dir, *overrides)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return Path(run_dir)
+
+
+def latest_state(run_dir) -> dict:
+    """The state.pt that ``run_dir/checkpoints/latest`` names."""
+    import torch
+
+    latest = (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+    return torch.load(Path(run_dir) / "checkpoints" / latest / "state.pt", map_location="cpu", weights_only=True)
+
+
+def steps_once(run_dir, total: int) -> None:
+    """``run_dir/metrics.jsonl`` has one row per step 1..total: nothing lost or repeated over restarts."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, total + 1))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoint states hold bit-identical model and EMA weights."""
+    import torch
+
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
 
 
 @pytest.fixture(scope="session")

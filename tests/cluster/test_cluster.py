@@ -12,15 +12,7 @@ from ddpm.cluster import slurm as cluster
 from ddpm.errors import REQUEUE_EXIT_CODE, UserError
 from ddpm.run import restarts
 
-from conftest import ROOT, TINY_MNIST, python_env
-
-
-@pytest.fixture
-def config_only(tmp_path):
-    """A tiny config for validation only (its data root is never read)."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_MNIST.format(root=tmp_path / "no-data"))
-    return path
+from conftest import ROOT, python_env
 
 
 # ----- parsing and planning -------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 TORCHINDUCTOR_CACHE_DIR wins, a directory that is not writable falls back to the job's node-local one;
 compile workers bounded by SLURM_CPUS_PER_TASK; the full-float32 switch sets and restores every flag."""
 import os
-import sys
 
 import pytest
 import torch

@@ -2,32 +2,23 @@
 a full disk, damaged outputs and damaged run state. Each row: what the user sees (one line, an exit code)
 and that nothing is lost (the run finishes bit-identical to an uninterrupted one)."""
 import json
-import resource
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm.errors import NO_SPACE_EXIT_CODE
 from ddpm.run.samples import list_groups, read_samples
 
-from conftest import ROOT, TINY_MNIST, python_env
-
-TRAIN = [sys.executable, "-m", "jobs.train"]
+from conftest import (ROOT, TRAIN, assert_same_weights, latest_state, python_env, start_train, steps_once,
+                      train_reference, wait_for_step, write_tiny_config)
 
 
 def start(config, run_dir, *overrides, limit_bytes=None):
-    def limit():  # a file-size limit in the child only: writes beyond it fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
-
-    return subprocess.Popen([*TRAIN, "--config", str(config), "--run-dir", str(run_dir), *overrides], cwd=ROOT,
-                            env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=limit if limit_bytes else None)
+    return start_train(config, run_dir, *overrides, limit_bytes=limit_bytes, merge_stderr=False)
 
 
 def finish(proc, timeout=300):
@@ -39,49 +30,22 @@ def train(config, run_dir, *overrides, **kw):
     return finish(start(config, run_dir, *overrides, **kw))
 
 
-def weights(run_dir):
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run_dir / "checkpoints" / latest / "state.pt", map_location="cpu", weights_only=True)
-
-
 def assert_same(run_a, run_b):
-    a, b = weights(run_a), weights(run_b)
+    a, b = latest_state(run_a), latest_state(run_b)
     assert a["step"] == b["step"]
-    for part in ("model", "ema"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-
-
-def steps_once(run_dir, total):
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, total + 1))
-
-
-def wait_for_step(run_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= step:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
+    assert_same_weights(a, b)
 
 
 @pytest.fixture(scope="module")
 def config(mnist_root, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY_MNIST.format(root=mnist_root))
-    return path
+    return write_tiny_config(tmp_path_factory.mktemp("cfg"), mnist_root)
 
 
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory):
     """Uninterrupted runs of 20 and 60 steps, in subprocesses like the runs they are compared with."""
     d = tmp_path_factory.mktemp("reference")
-    for steps in (20, 60):
-        rc, out, err = train(config, d / str(steps), f"train.steps={steps}")
-        assert rc == 0, err
-    return {20: d / "20", 60: d / "60"}
+    return {steps: train_reference(config, d / str(steps), f"train.steps={steps}") for steps in (20, 60)}
 
 
 def test_a_second_trainer_on_a_live_run_dir_is_refused_and_the_first_is_untouched(config, reference, tmp_path):

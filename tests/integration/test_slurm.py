@@ -22,7 +22,7 @@ from ddpm.run import restarts
 from ddpm.run import samples as archive
 from ddpm.train.dist import master_port
 
-from conftest import ROOT, SHARED, TINY_MNIST, _missing, python_env
+from conftest import ROOT, SHARED, _missing, python_env, write_tiny_config
 
 SLURM_DIR = ROOT / "slurm"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
@@ -131,9 +131,7 @@ def assert_same_weights(run_dir, reference, what):
 @pytest.fixture(scope="module")
 def tiny_yaml(mnist_root, tmp_path_factory):
     """The tiny CPU MNIST config of conftest, shared by the jobs of this module."""
-    path = tmp_path_factory.mktemp("cfg") / "tiny_mnist.yaml"
-    path.write_text(TINY_MNIST.format(root=mnist_root))
-    return path
+    return write_tiny_config(tmp_path_factory.mktemp("cfg"), mnist_root, "tiny_mnist.yaml")
 
 
 # ----- 1. the template as shipped -------------------------------------------------------------------

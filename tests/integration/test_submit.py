@@ -25,18 +25,10 @@ from ddpm.cluster import slurm as cluster  # noqa: E402
 from ddpm.run import restarts  # noqa: E402
 from jobs import submit as submit_job  # noqa: E402
 
-from conftest import ROOT, TINY_MNIST, python_env  # noqa: E402
+from conftest import ROOT, python_env  # noqa: E402
 
 SUBMIT = [sys.executable, "-m", "jobs.submit"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
-
-
-@pytest.fixture
-def config_only(tmp_path):
-    """A tiny config for validation only (its data root is never read)."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_MNIST.format(root=tmp_path / "no-data"))
-    return path
 
 
 def run_submit(*args, timeout=180):

@@ -16,15 +16,14 @@ import pytest
 from ddpm.cluster import tensorboard as tbs
 from jobs import tensorboard as tb_job
 
-from conftest import ROOT, TINY_MNIST, python_env
+from conftest import ROOT, python_env, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def run_root(tmp_path_factory, mnist_root):
     """A run root holding one finished tiny run (8 steps, every step logged)."""
     tmp = tmp_path_factory.mktemp("tb")
-    config = tmp / "tiny.yaml"
-    config.write_text(TINY_MNIST.format(root=mnist_root))
+    config = write_tiny_config(tmp, mnist_root)
     root = tmp / "runs"
     r = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(config), "train.steps=8",
                         "--run-dir", str(root / "00000-tiny")], cwd=ROOT, env=python_env(), capture_output=True,

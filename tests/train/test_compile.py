@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from ddpm.train.wrap import COMPILE_BACKEND_ENV
 
-from conftest import TINY_MNIST
+from conftest import write_tiny_config
 
 STEPS = 4
 LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
@@ -67,7 +67,7 @@ def _train(tmp_path, name, world, backend, *overrides):
 
 @pytest.fixture
 def tiny(tmp_path, mnist_root):
-    (tmp_path / "tiny.yaml").write_text(TINY_MNIST.format(root=mnist_root))
+    write_tiny_config(tmp_path, mnist_root)
     return tmp_path
 
 
