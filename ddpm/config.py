@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,10 +62,15 @@ class TrainConfig:
     collective_timeout_s: int = 600     # how long a collective waits for a peer rank before the job fails
 
 
+# Keys typed "epochs": epoch schedules (epoch_schedule: 5, [1, 5, 10], [1, every 5]; ddpm.train.schedules.EpochSchedule)
 @dataclass(frozen=True)
 class LogConfig:
-    every: int = 50                     # scalars every N optimizer steps
+    every: int = 50                     # scalars every N optimizer steps (and at every epoch's end)
     sample_every: int = 0               # sample grid every N steps; 0 = only at the end
+    sample_every_epochs: "epochs" = field(default_factory=list)  # sample grids at these epochs' ends
+    gif_every_epochs: "epochs" = field(default_factory=list)     # ... with a GIF of their denoising (one grid each)
+    test_every_epochs: "epochs" = field(default_factory=lambda: ["every 1"])  # held-out loss: test_loss in metrics
+    test_images: int = 1000             # the first N test-split images, each with fixed noise, level and label drop
     tensorboard: bool = True
     progress: str = "auto"              # auto (bar when interactive) | bar | lines | none
 
@@ -72,6 +78,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500                    # also saved at the end and on a preemption signal
+    every_epochs: "epochs" = field(default_factory=list)  # also saved, and kept by retention, at these epochs' ends
+    best: bool = False                  # checkpoints/best names the checkpoint of the lowest test_loss (kept)
     every_minutes: float = 0.0          # also saved when this many minutes passed since the last save; 0 = off
     keep_last: int = 3
     keep_every: int = 0                 # also keep checkpoints whose step is a multiple of this
@@ -115,14 +123,10 @@ class Config:
 
 
 CHOICES = {
-    "data.dataset": tuple(DATASETS),
-    "diffusion.schedule": ("linear", "cosine", "quadratic"),
-    "train.optimizer": ("adam", "adamw"),
-    "train.lr_schedule": ("constant", "exponential", "multistep", "cosine"),
-    "train.precision": ("fp32", "bf16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "log.progress": ("auto", "bar", "lines", "none"),
-    "sample.convention": ("gamma", "w"),
+    "data.dataset": tuple(DATASETS), "diffusion.schedule": ("linear", "cosine", "quadratic"),
+    "train.optimizer": ("adam", "adamw"), "train.lr_schedule": ("constant", "exponential", "multistep", "cosine"),
+    "train.precision": ("fp32", "bf16"), "train.device": ("auto", "cpu", "cuda"),
+    "log.progress": ("auto", "bar", "lines", "none"), "sample.convention": ("gamma", "w"),
 }
 # key -> (low, high, low inclusive); None means unbounded.
 RANGES = {
@@ -130,27 +134,25 @@ RANGES = {
     "diffusion.p_uncond": (0, 1, True), "diffusion.sigma": (0, None, False),
     "train.batch_size": (1, None, True), "train.epochs": (0, None, False), "train.steps": (1, None, True),
     "train.lr": (0, None, False), "train.weight_decay": (0, None, True), "train.lr_gamma": (0, None, False),
-    "train.warmup_steps": (0, None, True), "train.collective_timeout_s": (10, None, True), "train.grad_clip": (0, None, True), "train.ema_decay": (0, 1, True),
-    "log.every": (1, None, True), "log.sample_every": (0, None, True), "checkpoint.every": (1, None, True),
-    "checkpoint.every_minutes": (0, None, True),
-    "checkpoint.keep_last": (1, None, True), "checkpoint.keep_every": (0, None, True),
+    "train.warmup_steps": (0, None, True), "train.collective_timeout_s": (10, None, True),
+    "train.grad_clip": (0, None, True), "train.ema_decay": (0, 1, True), "log.every": (1, None, True),
+    "log.sample_every": (0, None, True), "log.test_images": (1, None, True), "checkpoint.every": (1, None, True),
+    "checkpoint.every_minutes": (0, None, True), "checkpoint.keep_last": (1, None, True),
+    "checkpoint.keep_every": (0, None, True),
     "sample.steps": (0, None, True), "sample.per_class": (1, None, True), "sample.eta": (0, 1, True),
 }
 # List keys whose elements must be numbers: key -> fixed length (None: any length).
 LIST_ITEMS = {"sample.guidance": (None, "[1.0, 5.0]"), "train.betas": (2, "[0.9, 0.999]"),
               "train.lr_milestones": (None, "[6, 8]"), "data.normalize": (2, "[0.1307, 0.3081]")}
-# Injected from data/diffusion; a config may not set them.
-DERIVED_NET_KEYS = ("in_channels", "image_size", "T")
+DERIVED_NET_KEYS = ("in_channels", "image_size", "T")  # injected from data/diffusion; a config may not set them
 
 
 def load_config(path, overrides=(), device: str | None = None) -> Config:
     """Read a YAML config, apply ``key.sub=value`` overrides, validate; raise UserError on any problem.
 
-    A file may hold an ``on_cpu:`` section (the same sections as the file, e.g. ``on_cpu: {train:
-    {batch_size: 64}}``): it is merged over the file when the run trains on a CPU, before the overrides,
-    and is always validated. ``device`` (cpu | cuda) says where the run will train; by default
-    ``train.device`` decides, ``auto`` meaning cuda when this machine has a GPU.
-    """
+    An ``on_cpu:`` section (the file's sections, e.g. ``on_cpu: {train: {batch_size: 64}}``) is merged over the
+    file, before the overrides, when the run trains on a CPU (``device``, cpu | cuda; by default ``train.device``,
+    ``auto`` meaning cuda if this machine has a GPU); it is always validated."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. --config configs/mnist.yaml")
@@ -216,8 +218,7 @@ def parse_override(item: str) -> tuple[str, object]:
 
 
 def _set_path(raw: dict, key: str, value) -> None:
-    parts = key.split(".")
-    node = raw
+    parts, node = key.split("."), raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
@@ -232,60 +233,64 @@ def _closest(name, options) -> str:
 
 def _coerce(key: str, value, annotation: str):
     """Check/convert one value against its annotation (as a string, e.g. 'float | None')."""
-    optional = "None" in annotation
+    if annotation == "epochs":
+        return epoch_schedule(key, value)
     if value is None:
-        if optional:
+        if "None" in annotation:
             return None
         raise UserError(f"{key} must not be empty (null)")
     base = annotation.split("|")[0].strip()
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    if base in ("int", "float"):
-        if isinstance(value, str):  # YAML reads 1e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise UserError(f"{key} must be a number, got '{value}'") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{key} must be a finite number, got {value!r}")
-        if base == "int":
-            if value != int(value):
-                raise UserError(f"{key} must be an integer, got {value}")
-            return int(value)
-        return float(value)
-    if base == "str":
-        if not isinstance(value, str):
-            raise UserError(f"{key} must be a string, got {value!r}")
+    if base in ("bool", "str"):
+        if not isinstance(value, bool if base == "bool" else str):
+            raise UserError(f"{key} must be {'true or false' if base == 'bool' else 'a string'}, got {value!r}")
         return value
+    if base in ("int", "float"):
+        number = _number(value)
+        if number is None:
+            raise UserError(f"{key} must be a {'finite ' if isinstance(value, float) else ''}number, got {value!r}")
+        if base == "int" and number != int(number):
+            raise UserError(f"{key} must be an integer, got {value}")
+        return int(number) if base == "int" else float(number)
     if base == "list":
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         return _check_items(key, items) if key in LIST_ITEMS else items
     return value
 
 
+def _number(v):
+    """v as a finite int or float (YAML reads 1e-4 as a string: parsed), or None if it is none."""
+    try:
+        v = float(v) if isinstance(v, str) else v
+    except ValueError:
+        return None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 def _check_items(key: str, items: list) -> list:
     """Every element a finite number (YAML reads 1e-4 as a string), and the fixed length where there is one."""
     length, example = LIST_ITEMS[key]
-    out = []
-    for v in items:
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise UserError(f"{key} must be a list of numbers, got {items!r} (e.g. {key}={example})")
-        out.append(v)
+    out = [_number(v) for v in items]
+    if None in out:
+        raise UserError(f"{key} must be a list of numbers, got {items!r} (e.g. {key}={example})")
     if length is not None and len(out) != length:
         raise UserError(f"{key} must hold exactly {length} numbers, got {len(out)}: {items!r} (e.g. {key}={example})")
     return out
 
 
+def epoch_schedule(key: str, value) -> list:
+    """A validated epoch schedule as a sorted list, epochs (int >= 1) first, then periods ("every N"): 5 and
+    "every 5" are a period, [1, 5, 10] epochs, [1, every 5] both; null, 0 and [] none."""
+    epochs, periods = set(), set()
+    for item in value if isinstance(value, list) else [] if value in (None, 0) else [value]:
+        m = re.fullmatch(r"(every\s+)?0*([1-9][0-9]*)(\.0*)?", str(item).strip().lower())
+        if m is None or isinstance(item, bool):
+            raise UserError(f"{key} must be a period (5), epochs ([1, 5, 10]) or both ([1, every 5]); got {value!r}")
+        (periods if m.group(1) or not isinstance(value, list) else epochs).add(int(m.group(2)))
+    return sorted(epochs) + [f"every {n}" for n in sorted(periods)]
+
+
 def _section(cls, key: str, raw):
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{key} must be a section (a mapping), got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -323,20 +328,15 @@ def from_dict(raw: dict) -> Config:
 
 
 def _model(raw, data: DataConfig, diff: DiffusionConfig) -> dict:
-    from ddpm.nets.registry import (  # imported lazily: torch is slow to import
-        build_net,
-        net_kwargs,
-    )
+    # imported lazily: torch is slow to import
+    from ddpm.nets.registry import build_net, net_kwargs
 
     if raw is None or "arch" not in raw:
         raise UserError("model.arch is required, e.g. model.arch=cs180_class_unet")
-    raw = dict(raw)
-    arch = raw.pop("arch")
+    arch, raw = raw["arch"], {k: v for k, v in raw.items() if k != "arch"}
     accepted = net_kwargs(arch)  # UserError listing the choices for an unknown arch
-    facts = DATASETS[data.dataset]
-    channels, size, classes = facts["channels"], facts["size"], facts["classes"]
-    out = {"arch": arch}
-    derived = {"in_channels": channels, "image_size": size, "T": diff.T}
+    facts, out = DATASETS[data.dataset], {"arch": arch}
+    derived = {"in_channels": facts["channels"], "image_size": facts["size"], "T": diff.T}
     for name, value in raw.items():
         if name in DERIVED_NET_KEYS:
             if value == derived[name]:  # a resolved config (config.json) carries them
@@ -348,7 +348,7 @@ def _model(raw, data: DataConfig, diff: DiffusionConfig) -> dict:
         out[name] = value
     out.update({k: v for k, v in derived.items() if k in accepted})
     if "num_classes" in accepted and "num_classes" not in raw:
-        out["num_classes"] = classes
+        out["num_classes"] = facts["classes"]
     import torch
     with torch.device("meta"):  # validates the kwargs' values without allocating weights
         build_net(arch, **{k: v for k, v in out.items() if k != "arch"})
@@ -372,7 +372,6 @@ def _check_combinations(cfg: Config) -> None:
 
     if s.sampler not in SAMPLERS:
         raise UserError(f"sample.sampler must be one of {', '.join(SAMPLERS)}, got '{s.sampler}'")
-
     if d.objective not in OBJECTIVES:
         raise UserError(f"diffusion.objective must be one of {', '.join(OBJECTIVES)}, got '{d.objective}'")
     obj = OBJECTIVES[d.objective]
@@ -380,11 +379,16 @@ def _check_combinations(cfg: Config) -> None:
     if not conditional and s.guidance != [1.0] and s.guidance:
         raise UserError(f"sample.guidance={s.guidance} needs a class-conditional model (model.num_classes > 0); "
                         "set sample.guidance=[1.0]")
-    if s.steps > d.T and s.sampler in ("ddpm", "ddim"):
-        raise UserError(f"sample.steps={s.steps} exceeds diffusion.T={d.T}")
+    if s.sampler in ("ddpm", "ddim") and (s.steps > d.T or (s.sampler == "ddpm" and s.steps not in (0, d.T))):
+        raise UserError(f"sample.steps={s.steps} exceeds diffusion.T={d.T}" if s.steps > d.T else f"sample.steps="
+                        f"{s.steps}: the ddpm sampler runs all T={d.T} steps; set sample.steps=0 or sample.sampler=ddim")
     if obj.kind == "generative" and s.sampler not in obj.samplers:
         raise UserError(f"sample.sampler={s.sampler} does not fit diffusion.objective={d.objective}; "
                         f"use {' or '.join(obj.samplers)}")
+    if cfg.checkpoint.best and not cfg.log.test_every_epochs:
+        raise UserError("checkpoint.best=true needs the held-out loss: set log.test_every_epochs=1 (or best=false)")
+    if cfg.log.gif_every_epochs and obj.kind != "generative":
+        raise UserError(f"log.gif_every_epochs: a {obj.kind} run samples nothing to animate; remove it")
     if s.eta > 0 and s.sampler != "ddim":
         raise UserError(f"sample.eta={s.eta:g} is DDIM's; set sample.sampler=ddim or sample.eta=0")
     arch = cfg.model["arch"]

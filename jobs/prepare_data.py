@@ -8,6 +8,7 @@ import sys
 
 from ddpm.data.datasets import DATASETS, prepare_dataset
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+from jobs.cli import Parser
 
 EPILOG = """\
 without --offline: files that already load are only verified; missing ones are downloaded
@@ -19,7 +20,7 @@ Afterwards point training at the same root (data.root=ROOT). Exit status 2 on an
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.splitlines()[0],
+    parser = Parser(prog="python -m jobs.prepare_data", description=__doc__.splitlines()[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, metavar="NAME", help=f"one of: {', '.join(DATASETS)}")
     parser.add_argument("--root", required=True, metavar="DIR", help="data root, the same as data.root in the config")

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+from jobs.cli import Parser
 
 EXAMPLES = """examples:
   python -m jobs.submit --config configs/cifar10.yaml --nodes 1 --gpus-per-node 4 --partition gpu --time 24:00:00
@@ -25,7 +26,7 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__, epilog=EXAMPLES,
+    p = Parser(prog="python -m jobs.submit", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config, e.g. configs/cifar10.yaml (required unless --status)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every job")

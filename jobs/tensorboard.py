@@ -11,6 +11,7 @@ import sys
 import time
 
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+from jobs.cli import Parser
 
 EXAMPLES = """examples:
   python -m jobs.tensorboard runs                      # port 6006
@@ -19,7 +20,7 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.tensorboard", description=__doc__, epilog=EXAMPLES,
+    p = Parser(prog="python -m jobs.tensorboard", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_root", metavar="RUN_ROOT", help="folder holding the run dirs, e.g. runs")
     p.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (default 6006; on a shared "

@@ -19,25 +19,28 @@ from ddpm.errors import (
     TrainingDiverged,
     UserError,
 )
+from jobs.cli import Parser
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "ddpm" / "quickstart.yaml"
 EXAMPLES = """examples:
   python -m jobs.train
   python -m jobs.train --config configs/mnist.yaml
   python -m jobs.train --config configs/mnist.yaml train.lr=2e-4 train.epochs=5 --run-dir runs/my-run
-  python -m jobs.train --config configs/cifar10.yaml --dry-run
+  python -m jobs.train --config configs/cifar10.yaml --dry-run     # the resolved config and the parameter count
+  python -m jobs.train --config configs/recipes/bonn_mnist.yaml   # a course recipe (see its header)
 """
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__, epilog=EXAMPLES,
+    p = Parser(prog="python -m jobs.train", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(QUICKSTART),
                    help="YAML config, e.g. configs/mnist.yaml (default: the embedded quick-start, a short MNIST run)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=2e-4")
     p.add_argument("--run-dir", help="run directory; an existing one is resumed (default: a new "
                                      "RUN_ROOT/NNNNN-<name>-b<batch>)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and run dir, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the model's parameter count and the run dir, then exit")
     p.add_argument("--force", action="store_true", help="continue a run dir whose config differs from this one")
     return p.parse_args(argv)
 

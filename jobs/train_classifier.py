@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ddpm.errors import BAD_INPUT_EXIT_CODE, UserError
+from jobs.cli import Parser
 
 EXAMPLES = """examples:
   python -m jobs.train_classifier --dataset mnist --root data
@@ -23,7 +24,7 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.train_classifier", description=__doc__, epilog=EXAMPLES,
+    p = Parser(prog="python -m jobs.train_classifier", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, metavar="NAME", help="mnist or cifar10")
     p.add_argument("--root", default="data", metavar="DIR", help="data root, as data.root in configs (default: data)")

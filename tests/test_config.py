@@ -1,12 +1,13 @@
 import json
-from pathlib import Path
+import re
 
 import pytest
 
 from ddpm.config import Config, from_dict, load_config, parse_override
 from ddpm.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, SHARED
+
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
@@ -14,7 +15,7 @@ def test_every_shipped_config_validates():
     names = {p.name for p in ALL_CONFIGS}
     assert {"mnist.yaml", "cifar10.yaml", "cs180_mnist.yaml", "cs180_denoiser.yaml", "conditional_ddpm.yaml",
             "bonn_mnist.yaml", "bonn_cifar10.yaml", "rectified_flow_mnist.yaml",
-            "noisy_classifier_mnist.yaml"} <= names
+            "noisy_classifier_mnist.yaml", "cs180_time_mnist.yaml", "schedules_mnist.yaml"} <= names
     for p in ALL_CONFIGS:
         cfg = load_config(p)
         assert isinstance(cfg, Config)
@@ -32,7 +33,7 @@ def test_recipe_values():
     assert (cd.diffusion.T, cd.diffusion.beta_start, cd.diffusion.beta_end) == (400, 1e-4, 0.02)
     assert cd.data.normalize == [0.1307, 0.3081] and cd.sample.convention == "w"
     assert load_config(ROOT / "configs/recipes/cs180_denoiser.yaml").diffusion.sigma == 0.5
-    c10 = load_config(ROOT / "configs/cifar10.yaml")
+    c10 = load_config(ROOT / "configs/cifar10.yaml", device="cuda")  # the file itself, not its on_cpu section
     assert c10.model["attn_resolutions"] == [16] and c10.model["ch_mult"] == [1, 2, 2, 2]
 
 
@@ -67,6 +68,12 @@ def test_overrides_parse_types_and_replace_run_length():
     ("train.lr_milestones=[true]", "train.lr_milestones must be a list of numbers"),
     ("data.normalize=[0.5, x]", "data.normalize must be a list of numbers"),
     ("train.collective_timeout_s=1", r"train.collective_timeout_s must be in \[10, inf\)"),
+    ("log.sample_every_epochs=[0, 5]", r"log.sample_every_epochs must be a period \(5\), epochs \(\[1, 5, 10\]\)"),
+    ("checkpoint.every_epochs=abc", "checkpoint.every_epochs must be a period"),
+    ("log.gif_every_epochs=[1, every x]", "log.gif_every_epochs must be a period"),
+    ("log.test_every_epochs=2.5", "log.test_every_epochs must be a period"),
+    ("log.test_images=0", r"log.test_images must be in \[1, inf\)"),
+    ("sample.steps=50", "sample.steps=50: the ddpm sampler runs all T=300 steps; set sample.steps=0 or"),
     ("train.epochs=3", None),  # fine: replaces nothing wrong
 ])
 def test_bad_values_are_one_line_errors(override, match):
@@ -76,6 +83,76 @@ def test_bad_values_are_one_line_errors(override, match):
     with pytest.raises(UserError, match=match) as e:
         load_config(ROOT / "configs/mnist.yaml", [override])
     assert "\n" not in str(e.value)
+
+
+def test_epoch_schedules_take_a_period_a_list_or_both():
+    def sched(value):
+        return load_config(ROOT / "configs/mnist.yaml", [f"log.sample_every_epochs={value}"]).log.sample_every_epochs
+    assert sched("5") == sched("every 5") == sched("[every 5]") == ["every 5"]
+    assert sched("[20, 1, 5, 10, 15, 5]") == [1, 5, 10, 15, 20]
+    assert sched("[1, every 5, every 2]") == [1, "every 2", "every 5"]
+    assert sched("0") == sched("null") == sched("[]") == []
+    cfg = load_config(ROOT / "configs/mnist.yaml")
+    assert (cfg.log.test_every_epochs, cfg.log.gif_every_epochs, cfg.checkpoint.every_epochs) == (["every 1"], [], [])
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["checkpoint.best=true", "log.test_every_epochs=0"], "checkpoint.best=true needs the held-out loss"),
+    (["model={arch: cs180_denoiser}", "diffusion.objective=denoiser", "sample.guidance=[1.0]",
+      "log.gif_every_epochs=1"],
+     "a denoiser run samples nothing to animate"),
+])
+def test_combinations_of_the_epoch_options(overrides, match):
+    with pytest.raises(UserError, match=match) as e:
+        load_config(ROOT / "configs/mnist.yaml", overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_recipes_set_what_their_assignment_asks():
+    def recipe(name):
+        return load_config(ROOT / "configs/recipes" / name)
+    for name in ("cs180_mnist.yaml", "cs180_time_mnist.yaml"):  # grids (and models) at epochs 1, 5, 10, 15, 20
+        cfg = recipe(name)
+        assert cfg.log.sample_every_epochs == cfg.checkpoint.every_epochs == [1, 5, 10, 15, 20]
+        assert (cfg.diffusion.T, cfg.train.epochs, cfg.sample.sampler, cfg.sample.ema) == (300, 20, "ddpm", False)
+    assert recipe("cs180_time_mnist.yaml").model["arch"] == "cs180_time_unet"
+    assert "num_classes" not in recipe("cs180_time_mnist.yaml").model  # unconditional
+    den = recipe("cs180_denoiser.yaml")  # sigma = 0.5 on images in [0, 1], grids after epochs 1 and 5
+    assert (den.data.normalize, den.diffusion.sigma, den.log.sample_every_epochs) == ([0.0, 1.0], 0.5, [1, 5])
+    cd = recipe("conditional_ddpm.yaml")  # train and test loss per epoch on the whole test split, the best
+    assert (cd.log.test_every_epochs, cd.log.test_images, cd.checkpoint.best) == (["every 1"], 10000, True)
+    assert cd.log.sample_every_epochs == ["every 1"] and 2.0 in cd.sample.guidance
+    bonn = (("bonn_mnist.yaml", 5, 5, [0.0, 1.0, 3.0]), ("bonn_cifar10.yaml", 10, 20, [1.0, 3.0]))
+    for name, every, gif, scales in bonn:
+        cfg = recipe(name)  # DDPM (algorithm 2), 4 per class, w as in the exercise, grids/models/GIFs per epochs
+        s = cfg.sample
+        assert (s.sampler, s.steps, s.per_class, s.convention) == ("ddpm", 0, 4, "w")
+        assert cfg.sample.guidance == scales and cfg.model == {**cfg.model, "arch": "res_unet", "channels": 32}
+        assert cfg.log.sample_every_epochs == cfg.checkpoint.every_epochs == [f"every {every}"]
+        assert cfg.log.gif_every_epochs == [f"every {gif}"]
+    assert recipe("noisy_classifier_mnist.yaml").checkpoint.best
+    assert {load_config(ROOT / "configs/recipes/schedules_mnist.yaml", [f"diffusion.schedule={k}"]).diffusion.schedule
+            for k in ("linear", "cosine", "quadratic")} == {"linear", "cosine", "quadratic"}
+    sweep = (ROOT / "slurm/sweeps/schedules.txt").read_text().splitlines()
+    assert [ln for ln in sweep if ln and not ln.startswith("#")] == [
+        "diffusion.schedule=linear", "diffusion.schedule=cosine", "diffusion.schedule=quadratic"]
+
+
+def test_every_recipe_header_names_its_course_and_deliverables():
+    courses = SHARED / "courses"
+    named = []
+    for path in sorted((ROOT / "configs/recipes").glob("*.yaml")):
+        header = path.read_text().split("\nname:")[0]
+        if "Course:" not in header:
+            continue  # not a course recipe (e.g. a paper's)
+        found = re.search(r"\.\./shared/courses (\d{3}(?:, \d{3})*)", header)
+        assert found and ("Deliverables" in header or "Reproduces" in header), path.name
+        for number in found.group(1).split(", "):
+            named.append(number)
+            if courses.is_dir():  # the document it names is there
+                assert list(courses.glob(f"{number}_*.txt")), (path.name, number)
+    assert len(set(named)) == 5, named  # every course document has a recipe
 
 
 def test_guidance_needs_a_conditional_model():

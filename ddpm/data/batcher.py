@@ -13,6 +13,7 @@ _MASK64 = (1 << 64) - 1
 PERM_STREAM, FLIP_STREAM = 1, 2                        # this batcher: epoch permutations, flips
 NOISE_STREAM, DROPOUT_STREAM, INIT_STREAM = 3, 4, 5    # the training loop: noise/t/label drop, dropout, weights
 SAMPLE_STREAM, STEP_STREAM = 6, 7                       # sampling: each sample's x_T, each sample's per-step noise
+HELDOUT_STREAM = 8                                      # the held-out loss: each test image's fixed noise, level, drop
 
 
 def mix_seed(*values: int) -> int:
@@ -28,6 +29,19 @@ def mix_seed(*values: int) -> int:
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
         h ^= h >> 31
     return h >> 1
+
+
+def to_model_space(images_u8: torch.Tensor, normalize: tuple[float, float] | None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 in the model's space: [-1, 1], or ``(x / 255 - mean) / std``."""
+    if images_u8.dtype != torch.uint8:  # .float() of a float tensor is itself: the in-place ops would change it
+        raise ValueError(f"to_model_space expects uint8 images, got {images_u8.dtype}")
+    x = images_u8.float()
+    # Multiplying by the reciprocal, not dividing: CUDA computes a division by a scalar that way, so
+    # the CPU and the GPU then give bit-identical batches.
+    if normalize is None:
+        return x.mul_(1 / 127.5).sub_(1.0)
+    mean, std = normalize
+    return x.mul_(1 / 255.0).sub_(mean).mul_(1 / std)
 
 
 class StepBatcher:
@@ -84,15 +98,7 @@ class StepBatcher:
         if self.hflip:
             flip = self._flips[pos, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x = x.float()
-        # Multiplying by the reciprocal, not dividing: CUDA computes a division by a scalar that way, so
-        # the CPU and the GPU then give bit-identical batches.
-        if self.normalize is None:
-            x = x.mul_(1 / 127.5).sub_(1.0)
-        else:
-            mean, std = self.normalize
-            x = x.mul_(1 / 255.0).sub_(mean).mul_(1 / std)
-        return x, y
+        return to_model_space(x, self.normalize), y
 
     def epoch_of(self, step: int) -> float:
         """Fractional epochs completed after `step` optimizer steps."""

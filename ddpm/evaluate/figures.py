@@ -72,16 +72,23 @@ def _finish(fig, path, files: dict) -> dict:
 
 
 def loss_figure(path, series: dict, title: list[str], checkpoint_step: int) -> dict:
-    """Four panels from :func:`ddpm.evaluate.measured.loss_series`: per-step loss (raw + smoothed, log y),
-    per-epoch mean, loss by timestep quartile, learning rate; a dotted line marks the checkpoint."""
+    """Four panels from :func:`ddpm.evaluate.measured.loss_series`: per-step loss (raw + smoothed, log y, the
+    held-out loss at its steps), per-epoch mean training loss and held-out loss, loss by timestep quartile,
+    learning rate; a dotted line marks the checkpoint."""
     fig, (a, b, c, d) = _axes(4, title)
-    steps = series["step"]
+    steps, test = series["step"], bool(series["test_loss"])
     a.plot(steps, series["loss"], color="0.75", lw=0.8, label="per logged step")
     a.plot(steps, series["loss_smooth"], color="C0", lw=1.6, label=f"smoothed (EMA, span {series['smooth_span']} rows)")
-    a.set(yscale="log", xlabel="optimizer step", ylabel="training loss", title="Loss per step")
-    b.plot(series["epoch"], series["epoch_loss"], "o-", color="C1")
-    b.set(yscale="log", xlabel="epoch (0 = first)", ylabel="mean training loss", title="Loss per epoch")
+    if test:
+        a.plot(series["test_step"], series["test_loss"], "s", color="C3", ms=4, label="held-out (test split)")
+    a.set(yscale="log", xlabel="optimizer step", ylabel="loss", title="Loss per step")
+    b.plot(series["epoch"], series["epoch_loss"], "o-", color="C1", label="training (mean over the epoch)")
+    if test:
+        b.plot(series["test_epoch"], series["test_loss"], "s--", color="C3", label="held-out (test split, epoch end)")
+    b.set(yscale="log", xlabel="epoch (1 = first)", ylabel="loss",
+          title="Loss per epoch" + ("" if test else " (no held-out loss logged)"))
     b.xaxis.set_major_locator(MaxNLocator(integer=True))
+    b.legend(fontsize=8)
     for q, values in series["buckets_smooth"].items():
         c.plot(steps, values, lw=1.2, label=f"{q} (smoothed)")
     c.set(yscale="log", xlabel="optimizer step", ylabel="training loss", title="Loss by timestep quartile "
@@ -96,6 +103,31 @@ def loss_figure(path, series: dict, title: list[str], checkpoint_step: int) -> d
     a.legend(fontsize=8)
     if series["buckets"]:
         c.legend(fontsize=8, ncol=2)
+    return _finish(fig, path, {})
+
+
+def guidance_comparison_figure(path, curves: dict, title: list[str]) -> dict:
+    """Two panels over label accuracy: feature-FID and milliseconds per image, one curve per guidance method
+    ({label: rows with "scale_label", "accuracy", "feature_fid", "ms_per_image"}), each point named by its scale."""
+    fig, axes = _axes(2, title, width=6.0)
+    panels = (("feature_fid", "feature-FID (lower is better)", "Quality at matched accuracy"),
+              ("ms_per_image", "milliseconds per image", "Cost at matched accuracy"))
+    for ax, (key, ylabel, name) in zip(axes, panels):
+        for i, (label, rows) in enumerate(curves.items()):
+            sub = [r for r in rows if r["accuracy"] is not None and r[key] is not None]
+            if sub:
+                ax.plot([r["accuracy"] for r in sub], [r[key] for r in sub], "o-" if i == 0 else "s--", color=f"C{i}",
+                        label=label)
+                for r in sub:
+                    ax.annotate(r["scale_label"], (r["accuracy"], r[key]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=f"C{i}")
+        ax.set(xlabel="label accuracy (evaluation classifier)", ylabel=ylabel, title=name)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured\n(no evaluation classifier)", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.grid(alpha=0.3)
     return _finish(fig, path, {})
 
 

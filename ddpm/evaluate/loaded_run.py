@@ -31,6 +31,7 @@ class LoadedRun:
     net: torch.nn.Module
     ema: bool                       # the EMA weights (else the raw ones)
     device: torch.device
+    best_step: int | None = None    # the step checkpoints/best names (lowest held-out loss), if the run keeps one
 
     @property
     def conditional(self) -> bool:
@@ -45,7 +46,24 @@ class LoadedRun:
     @property
     def checkpoint_line(self) -> str:
         """The figure subtitle that says which weights made it."""
-        return f"run {self.cfg.name} · checkpoint step {self.step} · {'EMA' if self.ema else 'raw (non-EMA)'} weights"
+        best = " (checkpoints/best)" if self.step == self.best_step else ""
+        weights = "EMA" if self.ema else "raw (non-EMA)"
+        return f"run {self.cfg.name} · checkpoint step {self.step}{best} · {weights} weights"
+
+    @property
+    def image_range(self) -> tuple[float, float]:
+        """Black and white in the model's space (where noise levels such as σ are measured): (-1, 1) by
+        default, ((0 - mean) / std, (1 - mean) / std) with ``data.normalize`` (e.g. (0, 1) for [0, 1])."""
+        if not self.cfg.data.normalize:
+            return -1.0, 1.0
+        mean, std = self.cfg.data.normalize
+        return (0 - mean) / std, (1 - mean) / std
+
+    @property
+    def scale_note(self) -> str:
+        """'images in [0, 1]': the scale a noise level of the figures is measured on."""
+        lo, hi = self.image_range
+        return f"images in [{lo:.3g}, {hi:.3g}]"
 
     def to_u8(self, x: torch.Tensor) -> np.ndarray:
         """Model-space samples (N, C, H, W) → uint8 (N, H, W, C), as the training job archives them."""
@@ -77,22 +95,23 @@ def _pick_device(name: str | None) -> torch.device:
 
 
 def load_run(run_dir: Path, cfg: Config, *, checkpoint: str = "latest", ema: bool | None = None,
-             device: str | None = None) -> LoadedRun:
-    """Load ``checkpoint`` (latest, a step, or a path) of the run at ``run_dir`` whose config is ``cfg``.
+             device: str | None = None, writable: bool = True) -> LoadedRun:
+    """Load ``checkpoint`` (latest, best, a step, or a path) of the run at ``run_dir`` whose config is ``cfg``.
     ``ema`` None: the config's ``sample.ema`` where the checkpoint has EMA weights. UserError if the run dir
-    is not writable (the jobs write into it), the device is missing or the checkpoint is."""
-    if not os.access(run_dir, os.W_OK | os.X_OK):
+    is not writable (the jobs write into it; ``writable=False`` for a run that is only read, a guiding
+    classifier), the device is missing or the checkpoint is."""
+    if writable and not os.access(run_dir, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to run dir {run_dir}; evaluate a writable copy of it")
     dev = _pick_device(device)
     manager = CheckpointManager(run_dir / "checkpoints")
     if checkpoint == "latest" and not manager.steps():
         raise UserError(f"no checkpoint in {run_dir / 'checkpoints'} yet; train first, or pass --checkpoint PATH")
     step, state = manager.load(checkpoint)
-    path = Path(checkpoint) if checkpoint != "latest" and not str(checkpoint).isdigit() \
-        else run_dir / "checkpoints" / f"step_{step:09d}"
+    named = checkpoint in ("latest", "best") or str(checkpoint).isdigit()
+    path = run_dir / "checkpoints" / f"step_{step:09d}" if named else Path(checkpoint)
     has_ema = state.get("ema") is not None
     if ema and not has_ema:
         raise UserError(f"checkpoint step {step} has no EMA weights (trained with train.ema_decay=0); pass --no-ema")
     use_ema = (cfg.sample.ema and has_ema) if ema is None else ema
     return LoadedRun(run_dir, cfg, objective_for(cfg), step, path, _load_net(cfg, state, use_ema, dev, path),
-                     use_ema, dev)
+                     use_ema, dev, manager.best_step())

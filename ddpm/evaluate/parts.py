@@ -2,10 +2,12 @@
 and writes ``RUN_DIR/eval/step_XXXXXXXXX/`` (figures, ``metrics.json``, ``report.md``) and
 ``RUN_DIR/samples.h5``.
 
-Each part function takes (evaluation, out_dir, log) (an :class:`ddpm.evaluate.plan.Evaluation`), writes
-its figures into out_dir and returns a JSON-ready section for ``metrics.json``; a new part is one function
-and one row of SECTIONS. ``--only`` names parts (what the user asks for); a section is what runs:
-``grids`` and ``metrics`` both ask for the guidance sweep, which makes the grids and scores the samples.
+Each part function takes (evaluation, out_dir, log, done) (an :class:`ddpm.evaluate.plan.Evaluation`; done:
+the sections this evaluation made before it, read only), writes its figures into out_dir and returns a
+JSON-ready section for ``metrics.json``; a new part is one function and one row of SECTIONS. ``--only`` names
+parts (what the user asks for); a section is what runs: ``grids``, ``metrics``, ``real`` and ``cg`` all ask
+for the guidance sweep, which makes the grids and scores the samples that ``real`` (the samples above real
+training images) and ``cg`` (classifier guidance at matched accuracy) reuse.
 """
 import json
 import platform
@@ -14,19 +16,25 @@ from pathlib import Path
 
 import torch
 
+from ddpm.diffusion.from_config import CLIPPING
 from ddpm.errors import UserError
-from ddpm.evaluate import measured, report, sampled
+from ddpm.evaluate import guided, measured, real_rows, report, sampled
 from ddpm.evaluate.hparams import write_hparams
 from ddpm.run.atomic import atomic_write
 from ddpm.run.samples import export_npz
 
 # --only names, in the order the help lists them.
-PARTS = ("grids", "curves", "progression", "gifs", "steps", "interpolation", "denoiser", "metrics", "fid")
+PARTS = ("grids", "real", "curves", "progression", "gifs", "steps", "interpolation", "mixture", "cg", "denoiser",
+         "metrics", "fid")
+ON_REQUEST = ("fid", "cg")  # run only with their option (--fid-samples N, --classifier-guidance RUN)
 KINDS = ("generative", "denoiser", "classifier")  # generative: eps/x0/v/flow; the other two make no samples
 # The one table, in running order: (section in metrics.json, function, kinds of run, --only parts asking for it).
 SECTIONS = (
-    ("guidance", sampled.guidance_part, ("generative",), ("grids", "metrics")),
+    ("guidance", sampled.guidance_part, ("generative",), ("grids", "metrics", "real", "cg")),
     ("fid", sampled.fid_part, ("generative",), ("fid",)),
+    ("real_rows", real_rows.real_part, ("generative",), ("real",)),
+    ("classifier_guidance", guided.cg_part, ("generative",), ("cg",)),
+    ("mixture", guided.mixture_part, ("generative",), ("mixture",)),
     ("curves", measured.curves_part, KINDS, ("curves",)),
     ("progression", sampled.progression_part, ("generative",), ("progression",)),
     ("gifs", sampled.gifs_part, ("generative",), ("gifs",)),
@@ -81,7 +89,8 @@ def _sampling_sections(ev) -> dict:
                             "eta": None, "fast_sampler": None, "fast_steps": None},
                 "guidance": {"convention": None, "scales": [], "display_scale": None, "conditional": False}}
     return {"sampler": {"name": ch.main.sampler, "steps": ch.main.steps, "note": ch.note or None,
-                        "clip_x0": ch.main.clip_x0, "eta": ch.main.eta, "fast_sampler": ch.fast.sampler,
+                        "clip_x0": ch.main.clip_x0 and ch.main.sampler in CLIPPING, "eta": ch.main.eta,
+                        "fast_sampler": ch.fast.sampler,
                         "fast_steps": ch.fast.steps},
             "guidance": {"convention": ch.convention, "scales": list(ch.scales), "display_scale": ch.display_scale,
                          "conditional": ch.conditional}}
@@ -98,9 +107,11 @@ def run_parts(ev, argv: list | None = None, log=print) -> dict:
         "run_dir": str(run.run_dir), "run_name": cfg.name, "objective": cfg.diffusion.objective,
         "dataset": cfg.data.dataset, "config_hash": cfg.hash(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python -m jobs.evaluate " + " ".join(argv) if argv is not None else None,
-        "checkpoint": {"step": run.step, "path": str(run.checkpoint_path), "ema": run.ema},
+        "checkpoint": {"step": run.step, "path": str(run.checkpoint_path), "ema": run.ema, "best_step": run.best_step},
         "seed": ev.seed, "device": str(run.device), "parts": list(ev.parts),
         **_sampling_sections(ev),
+        "classifier_guidance": ev.guide.settings() | {"cg_scale": list(ev.cg_scales)} if ev.guide else None,
+        "mixture": ev.mixture.text() if ev.mixture else None,
         "samples": {"per_class": ev.per_class, "metric_samples": ev.metric_samples,
                     "table_samples": ev.table_samples},
         "classifier": classifier, "classifier_note": ev.scorers.note or None,
@@ -116,7 +127,7 @@ def run_parts(ev, argv: list | None = None, log=print) -> dict:
     for name, fn in tasks(ev):
         t0 = time.perf_counter()
         log(f"[eval] {name} ...")
-        section = fn(ev, out, log)
+        section = fn(ev, out, log, dict(metrics["sections"]))
         metrics["sections"][name] = section
         metrics["archive"]["groups"] += section.pop("archive_groups", [])
         metrics["timings_s"][name] = round(time.perf_counter() - t0, 3)
@@ -141,7 +152,9 @@ def _merge_previous(path: Path, metrics: dict) -> dict:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return metrics
-    if old.get("checkpoint") != metrics["checkpoint"] or not isinstance(old.get("sections"), dict):
+    same = ("step", "path", "ema")  # the same weights (checkpoints/best may have moved on since)
+    if not isinstance(old.get("checkpoint"), dict) or not isinstance(old.get("sections"), dict) or \
+            any(old["checkpoint"].get(k) != metrics["checkpoint"][k] for k in same):
         return metrics
     kept = {k: v for k, v in old["sections"].items() if k not in metrics["sections"]}
     if kept:

@@ -13,9 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm.diffusion.from_config import objective_for
+from ddpm.diffusion.samplers import to_gamma
 from ddpm.errors import UserError
+from ddpm.evaluate.guides import (
+    ClassifierGuide,
+    Mixture,
+    default_mixture,
+    load_classifier_guide,
+    parse_mix,
+    parse_scales,
+)
 from ddpm.evaluate.loaded_run import LoadedRun, load_run
-from ddpm.evaluate.parts import parse_only
+from ddpm.evaluate.parts import PARTS, parse_only
 from ddpm.evaluate.sample_sets import SampleSet, sample_set_for
 from ddpm.evaluate.sampling_choice import SamplingChoice, choose_sampling, parse_guidance
 from ddpm.evaluate.scorers import Scorers, choose_scorers
@@ -46,6 +55,12 @@ class EvaluationArgs:
     reference_images: int | None = None
     clip_x0: bool | None = None
     fid_samples: int | None = None
+    classifier_guidance: str | None = None  # a noisy-classifier run dir: the cg part
+    cg_scales: str | None = None            # its scales, e.g. "1,3,10" (default DEFAULT_CG_SCALES)
+    mix: str | None = None                  # "3:0.5,8:0.5": the mixture part's mix (default: default_mixture)
+
+
+DEFAULT_CG_SCALES = "1,3,10"
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +77,9 @@ class Evaluation:
     table_samples: int = 20                 # per row of the steps table
     export_npz: Path | None = None
     notes: tuple[str, ...] = ()             # warnings for the user (printed and in the report)
+    guide: ClassifierGuide | None = None    # --classifier-guidance: the noisy classifier (the cg part)
+    cg_scales: tuple[float, ...] = ()       # its scales
+    mixture: Mixture | None = None          # the mixture part's mix (conditional runs)
 
     @property
     def out_dir(self) -> Path:
@@ -83,16 +101,29 @@ def _at_least(name: str, value, low: int = 1) -> None:
 
 
 def _parts(args: EvaluationArgs, kind: str, objective: str) -> tuple[str, ...]:
-    """The parts to run: --only (or all of the run's kind), with fid exactly when --fid-samples is given."""
+    """The parts to run: --only (or all of the run's kind), with fid exactly when --fid-samples is given, cg
+    exactly when --classifier-guidance is, and mixture whenever --mix is."""
     _at_least("--fid-samples", args.fid_samples)
     if args.fid_samples is not None and kind != "generative":
         raise UserError(f"--fid-samples scores generated samples; a {objective} run has none; drop it")
-    parts = parse_only(args.only, kind, objective)
-    if args.fid_samples is None:  # the fid part runs only when asked for with a sample count
-        if "fid" in parts and args.only is not None:
-            raise UserError("--only fid scores --fid-samples N samples per scale; pass --fid-samples, e.g. 50000")
-        return tuple(p for p in parts if p != "fid")
-    return parts if "fid" in parts else parts + ("fid",)
+    parts = set(parse_only(args.only, kind, objective))
+    on_request = {  # part: (its option given, what --only PART without it says)
+        "fid": (args.fid_samples is not None, "--only fid scores --fid-samples N samples per scale; pass "
+                                              "--fid-samples, e.g. 50000"),
+        "cg": (args.classifier_guidance is not None, "--only cg compares classifier guidance with classifier-free "
+               "guidance; pass --classifier-guidance RUN_DIR (a noisy-classifier run)")}
+    for part, (given, missing) in on_request.items():
+        if given:
+            parts.add(part)
+        elif part in parts and args.only is not None:
+            raise UserError(missing)
+        else:
+            parts.discard(part)
+    if args.cg_scales is not None and args.classifier_guidance is None:
+        raise UserError("--cg-scale sets the scales of classifier guidance; pass --classifier-guidance RUN_DIR too")
+    if args.mix is not None:
+        parts.add("mixture")
+    return tuple(p for p in PARTS if p in parts)
 
 
 def _check_args(args: EvaluationArgs, kind: str, objective: str, parts: tuple) -> Path | None:
@@ -103,7 +134,9 @@ def _check_args(args: EvaluationArgs, kind: str, objective: str, parts: tuple) -
     _at_least("--reference-images", args.reference_images, 2)
     if kind != "generative":
         for flag, value in (("--guidance", args.guidance), ("--convention", args.convention),
-                            ("--sampler", args.sampler), ("--steps", args.steps), ("--eta", args.eta)):
+                            ("--sampler", args.sampler), ("--steps", args.steps), ("--eta", args.eta),
+                            ("--classifier-guidance", args.classifier_guidance), ("--cg-scale", args.cg_scales),
+                            ("--mix", args.mix)):
             if value is not None:
                 raise UserError(f"{flag} does not apply to a run with diffusion.objective={objective} "
                                 f"(it does not generate samples); drop {flag}")
@@ -154,8 +187,10 @@ def plan_evaluation(args: EvaluationArgs) -> Evaluation:
     sampling = choose_sampling(run, guidance=None if args.guidance is None else parse_guidance(args.guidance),
                                convention=args.convention, sampler=args.sampler, steps=args.steps,
                                clip_x0=args.clip_x0, eta=args.eta, fast_steps=args.fast_steps)
+    guides = _guides(args, run, parts, to_gamma(sampling.display_scale, sampling.convention))
+    parts = tuple(p for p in parts if p != "mixture" or guides["mixture"] is not None)
     scorers = choose_scorers(cfg, run.device, classifier=args.classifier,
-                             use_classifier=bool({"metrics", "steps", "fid"} & set(parts)),
+                             use_classifier=bool({"metrics", "steps", "fid", "cg", "mixture"} & set(parts)),
                              inception_weights=args.inception_weights, reference_images=args.reference_images)
     if scorers.inception is not None and (note := scorers.inception.comparable_note()):
         notes += (note,)
@@ -167,4 +202,23 @@ def plan_evaluation(args: EvaluationArgs) -> Evaluation:
                             f"train one (python -m jobs.train_classifier --dataset {cfg.data.dataset})")
         # jobs.sample's default names: either job reuses the other's files
         fid_sets = tuple(sample_set_for(run, sampling.at(scale), seed, args.fid_samples) for scale in sampling.scales)
-    return Evaluation(run, parts, seed, scorers, sampling, fid_sets, export_npz=export, notes=notes, **sizes)
+    return Evaluation(run, parts, seed, scorers, sampling, fid_sets, export_npz=export, notes=notes, **guides, **sizes)
+
+
+def _guides(args: EvaluationArgs, run: LoadedRun, parts: tuple, gamma: float) -> dict:
+    """{"guide", "cg_scales", "mixture"} of the Evaluation: the noisy classifier (checked against the run) and
+    its scales for the cg part; the mix of the mixture part (None where it does not run: an unconditional
+    run, unless the user asked for it, which is an error then)."""
+    out = {"guide": None, "cg_scales": (), "mixture": None}
+    if args.classifier_guidance is not None:
+        out["cg_scales"] = parse_scales(args.cg_scales if args.cg_scales is not None else DEFAULT_CG_SCALES)
+        out["guide"] = load_classifier_guide(run, args.classifier_guidance)
+    if "mixture" in parts:
+        if not run.conditional:
+            asked = args.only is not None and "mixture" in [p.strip() for p in args.only.split(",")]
+            if args.mix is not None or asked:
+                raise UserError("this run's model is unconditional (no model.num_classes): a mixture of classes needs "
+                                "a class-conditional run; drop --mix / mixture")
+            return out
+        out["mixture"] = parse_mix(args.mix, run.cfg.data.dataset) if args.mix else default_mixture(run, gamma)
+    return out

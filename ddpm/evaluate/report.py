@@ -43,10 +43,11 @@ def render(m: dict) -> str:
     lines = [f"# Evaluation of `{m['run_name']}` at step {ck['step']}", "",
              f"Written by `{m['command'] or 'ddpm.evaluate.parts.run'}` on {m['created']}.", ""]
     info = [["run dir", f"`{m['run_dir']}`"], ["objective / data", f"{m['objective']} / {m['dataset']}"],
-            ["checkpoint", f"step {ck['step']} (`{ck['path']}`), {'EMA' if ck['ema'] else 'raw'} weights"],
+            ["checkpoint", f"step {ck['step']} (`{ck['path']}`), {'EMA' if ck['ema'] else 'raw'} weights"
+                           + _best(ck)],
             ["config hash", m["config_hash"]], ["seed", m["seed"]], ["device", m["device"]]]
     if s["name"]:
-        info.append(["sampler", f"{s['name']}, {s['steps']} steps" + (", x0 clipped to [-1, 1]" if s.get("clip_x0") else "")
+        info.append(["sampler", f"{s['name']}, {s['steps']} steps" + (", x0 clipped" if s.get("clip_x0") else "")
                      + (f", eta {s['eta']:g}" if s.get("eta") else "") + (f" ({s['note']})" if s["note"] else "")])
         info.append(["fast sampler (progression, interpolation)", f"{s['fast_sampler']}, {s['fast_steps']} steps"])
         if g["conditional"]:
@@ -63,6 +64,12 @@ def render(m: dict) -> str:
         info.append(["Inception weights", f"`{inc['path']}` (sha256 {inc['sha256'][:12]}…), torch-fidelity "
                      f"{inc.get('torch_fidelity')}, reference: the training split"
                      + (f" (first {inc['reference_images']} images)" if inc.get("reference_images") else "")])
+    if m.get("classifier_guidance"):
+        cg = m["classifier_guidance"]
+        info.append(["classifier guidance", f"noisy classifier `{cg['classifier_guidance']}`, step {cg['cg_step']} "
+                     f"({'EMA' if cg['cg_ema'] else 'raw'}), scales {', '.join(f'{v:g}' for v in cg['cg_scale'])}"])
+    if m.get("mixture"):
+        info.append(["class mixture", f"`--mix {m['mixture']}`"])
     info.append(["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())])
     lines += _table(["", ""], info)
     lines += [f"> **Note:** {n}" for n in m.get("notes", [])] + ([""] if m.get("notes") else [])
@@ -89,11 +96,19 @@ def render(m: dict) -> str:
                   "papers that use the same Inception weights and sample count.", ""]
         lines += _score_table(x["rows"], sym, ["γ = 1 + w"] if sym == "w" else [], g["conditional"],
                               lambda r: [r["score_s"], f"`{r['file']}`"], ["scoring seconds", "samples file"])
-    if "curves" in sec:
-        x = sec["curves"]
-        lines += ["## Training curves", "", f"{x['logged_steps']} logged steps ({x['first_step']}–{x['last_step']}), "
-                  f"final loss {_f(x['final_loss'], 5)} (smoothed {_f(x['final_loss_smoothed'], 5)}).", ""]
+    if "real_rows" in sec:
+        x = sec["real_rows"]
+        lines += ["## Samples above real training images", "", f"Per guidance scale: the first {x['per_class']} "
+                  f"samples of every class (rows 1–{x['per_class']}) above as many random images of the "
+                  f"{x['train_images']} training images (rows {x['per_class'] + 1}–{2 * x['per_class']}), one class "
+                  "per column; then a preview of the training data.", ""]
         lines += _images(x)
+    if "classifier_guidance" in sec:
+        lines += _cg(sec["classifier_guidance"])
+    if "mixture" in sec:
+        lines += _mixture(sec["mixture"])
+    if "curves" in sec:
+        lines += _curves(sec["curves"])
     if "progression" in sec:
         x = sec["progression"]
         lines += ["## Progression across checkpoints", "",
@@ -121,8 +136,10 @@ def render(m: dict) -> str:
         lines += _images(x)
     if "denoiser" in sec:
         x = sec["denoiser"]
-        lines += ["## One-step denoiser", "",
-                  f"Trained at σ = {x['train_sigma']:g}; MSE over {x['n']} test images.", ""]
+        lo, hi = x.get("image_range", (-1, 1))
+        lines += ["## One-step denoiser", "", f"Trained at σ = {x['train_sigma']:g}; MSE over {x['n']} test images. "
+                  f"σ and the MSE are on the scale of the images the model sees, [{lo:.3g}, {hi:.3g}] "
+                  "(data.normalize).", ""]
         lines += _table(["σ", "MSE of the noisy input", "MSE of the denoised output"],
                         [[a, b, c] for a, b, c in zip(x["sigmas"], x["mse_noisy"], x["mse_denoised"])])
         lines += _images(x)
@@ -138,3 +155,66 @@ def render(m: dict) -> str:
         lines += [f"npz export: `{m['export_npz']['path']}` ({m['export_npz']['images']} images, arr_0 / arr_1)."]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()), ""]
     return "\n".join(lines)
+
+
+def _best(ck: dict) -> str:
+    """', the checkpoint checkpoints/best names' or where that one is (runs with checkpoint.best)."""
+    best = ck.get("best_step")
+    if best is None:
+        return ""
+    if best == ck["step"]:
+        return "; this is `checkpoints/best` (the lowest held-out loss)"
+    return f"; `checkpoints/best` (the lowest held-out loss) is step {best}: evaluate it with `--checkpoint best`"
+
+
+def _curves(x: dict) -> list[str]:
+    lines = ["## Training curves", "", f"{x['logged_steps']} logged steps ({x['first_step']}–{x['last_step']}), "
+             f"final loss {_f(x['final_loss'], 5)} (smoothed {_f(x['final_loss_smoothed'], 5)})"
+             + (f", final held-out loss {_f(x['final_test_loss'], 5)}" if x.get("final_test_loss") is not None else "")
+             + ".", ""]
+    lines += _images(x)
+    epochs = x.get("epochs") or []
+    if epochs:
+        best = (x.get("best") or {}).get("step")
+        lines += ["Per epoch: the mean training loss and the held-out loss (the same objective on the first test-split "
+                  "images, each with fixed noise; `test_loss` in metrics.jsonl) at the epoch's end.", ""]
+        lines += _table(["epoch", "last step", "training loss", "held-out loss", ""], [
+            [e["epoch"], e["step"], _f(e["train_loss"], 5), _f(e["test_loss"], 5),
+             ("checkpoints/best" if e["step"] == best else "") + ("" if e["complete"] else "(partial epoch)")]
+            for e in epochs])
+    return lines
+
+
+def _cg(x: dict) -> list[str]:
+    sym = convention_symbol(x["convention"])
+    lines = ["## Classifier guidance vs classifier-free guidance", "",
+             "Classifier guidance (Dhariwal & Nichol 2021) by the noisy classifier "
+             f"`{x['classifier']['classifier_guidance']}`"
+             f" (step {x['classifier']['cg_step']}) on the run's unconditional prediction, scale s; classifier-free "
+             f"guidance ({sym}) from the sweep above. {x['rows'][0]['n']} samples per scale with the same noise and "
+             "classes, scored by the evaluation classifier.", ""]
+    lines += _table(["method", "scale", "label accuracy", "feature-FID", "ms per image", "archive group"],
+                    [["CG", f"s={r['scale']:g}", r["accuracy"], r["feature_fid"], r["ms_per_image"], f"`{r['group']}`"]
+                     for r in x["rows"]] + [["CFG", f"{sym}={r['scale']:g}", r["accuracy"], r["feature_fid"],
+                                             r["ms_per_image"], f"`{r['group']}`"] for r in x["cfg_rows"]])
+    if x["matched"]:
+        lines += ["Matched label accuracy: each classifier-guidance scale with the classifier-free scale of the "
+                  "closest accuracy.", ""]
+        lines += _table(["CG scale", "CG accuracy", "CG feature-FID", "CG ms/image", f"CFG {sym}", "CFG accuracy",
+                         "CFG feature-FID", "CFG ms/image", "accuracy gap"],
+                        [[f"{p['cg_scale']:g}", p["cg_accuracy"], p["cg_feature_fid"], p["cg_ms_per_image"],
+                          f"{p['cfg_scale']:g}", p["cfg_accuracy"], p["cfg_feature_fid"], p["cfg_ms_per_image"],
+                          p["accuracy_gap"]] for p in x["matched"]])
+    elif not x["cfg_rows"]:
+        lines += ["An unconditional run has no classifier-free guidance: the classifier-guidance curve only.", ""]
+    return lines + _images(x)
+
+
+def _mixture(x: dict) -> list[str]:
+    a, b = x["class_names"][:2]
+    lines = ["## Class mixture", "", f"`--mix {x['mix']}`: eps_u + Σ w_i (eps_ci − eps_u), the conjunction of Liu "
+             f"et al. 2022 (Composable Diffusion), in one batched forward. The sweep weights class {a} by 2(1−λ) and "
+             f"class {b} by 2λ times their given weights: the middle column is the mix as given.", ""]
+    lines += _table(["λ", "mix", "samples", f"classified as {a}", f"classified as {b}"],
+                    [[f"{r['lambda']:.3g}", f"`{r['mix']}`", r["n"], r["share_a"], r["share_b"]] for r in x["rows"]])
+    return lines + _images(x)

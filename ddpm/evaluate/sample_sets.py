@@ -12,6 +12,9 @@ and for any shard size. Rank r generates the uncommitted shards r, r+W, r+2W, ..
 atomic (:mod:`ddpm.run.shards`), so a killed or requeued job redoes only unfinished shards. Rank 0 then
 assembles ``RUN_DIR/samples/NAME.h5`` and writes ``--npz`` / ``--png-dir`` (:func:`make_samples`).
 
+Instead of classifier-free guidance a set may be guided by a noisy classifier (``--classifier-guidance``) or
+toward a mixture of classes (``--mix``): a :mod:`ddpm.evaluate.guides` record, whose settings go with the samples.
+
 The job passes in the process group's rank, size and barrier and the preemption flag (:class:`RankGroup`),
 so this module stays below the training layer.
 """
@@ -28,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 from ddpm.diffusion.compiled import compile_for_sampling
-from ddpm.diffusion.from_config import Sampling, generate, objective_for
+from ddpm.diffusion.from_config import Sampling, objective_for
 from ddpm.errors import REQUEUE_EXIT_CODE, UserError
+from ddpm.evaluate.guides import ClassifierGuide, Mixture, load_classifier_guide, parse_mix, parse_scales, sample_with
 from ddpm.evaluate.loaded_run import LoadedRun, load_run
 from ddpm.evaluate.sampling_choice import choose_sampling
 from ddpm.run.rundir import read_run_config
@@ -58,6 +62,9 @@ class SamplesArgs:
     npz: str | None = None
     device: str | None = None
     clip_x0: bool | None = None
+    classifier_guidance: str | None = None  # a noisy-classifier run dir: classifier guidance instead of CFG
+    cg_scale: float | None = None           # its scale (default 1)
+    mix: str | None = None                  # "3:0.5,8:0.5": every sample guided toward this mix of classes
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +79,7 @@ class SampleSet:
     finished: bool              # out already holds exactly this request
     png_dir: Path | None = None
     npz: Path | None = None
+    guide: ClassifierGuide | Mixture | None = None  # instead of classifier-free guidance
 
     @property
     def num(self) -> int:
@@ -114,31 +122,57 @@ def plan_samples(args: SamplesArgs) -> SampleSet:
     cfg = read_run_config(run_dir)
     if objective_for(cfg).kind != "generative":
         raise UserError(f"{args.run_dir} is a {cfg.diffusion.objective} run: it does not generate samples")
+    _check_guides(args)
     run = load_run(run_dir, cfg, checkpoint=args.checkpoint, ema=args.ema, device=args.device)
     choice = choose_sampling(run, guidance=None if args.guidance is None else [args.guidance],
                              convention=args.convention, sampler=args.sampler, steps=args.steps,
                              clip_x0=args.clip_x0, eta=args.eta)
+    guide = None
+    if args.classifier_guidance is not None:
+        guide = load_classifier_guide(run, args.classifier_guidance, 1.0 if args.cg_scale is None else args.cg_scale)
+    elif args.mix is not None:
+        if not run.conditional:
+            raise UserError("this run's model is unconditional (no model.num_classes): --mix needs a "
+                            "class-conditional run")
+        guide = parse_mix(args.mix, cfg.data.dataset)
     samples = sample_set_for(run, choice.main, cfg.sample.seed if args.seed is None else args.seed, args.num,
-                             args.batch, args.out)
+                             args.batch, args.out, guide)
     if npz is not None and npz.exists():
         raise UserError(f"--npz {npz} already exists; pass a new file name")
     png_dir = _writable_dir(Path(args.png_dir), "--png-dir") if args.png_dir else None
     return replace(samples, npz=npz, png_dir=png_dir)
 
 
+def _check_guides(args: SamplesArgs) -> None:
+    """The guidance options that need no checkpoint: one kind of guidance at a time, scales that are numbers."""
+    given = [f for f, v in (("--guidance", args.guidance), ("--classifier-guidance", args.classifier_guidance),
+                            ("--mix", args.mix)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} are different kinds of guidance; pass one of them")
+    if args.cg_scale is not None:
+        if args.classifier_guidance is None:
+            raise UserError("--cg-scale sets the scale of classifier guidance; pass --classifier-guidance RUN_DIR too")
+        parse_scales(repr(args.cg_scale))
+
+
 def sample_set_for(run: LoadedRun, sampling: Sampling, seed: int, num: int, batch: int = 250,
-                   out: str | None = None) -> SampleSet:
-    """``num`` samples of ``run`` with ``sampling`` and ``seed``, named ``out`` (default: from the settings);
-    UserError if RUN_DIR/samples already holds a request of that name with other settings."""
-    cfg, s, cond = run.cfg, sampling, run.conditional
+                   out: str | None = None, guide: ClassifierGuide | Mixture | None = None) -> SampleSet:
+    """``num`` samples of ``run`` with ``sampling`` and ``seed`` (and ``guide`` instead of classifier-free
+    guidance), named ``out`` (default: from the settings); UserError if RUN_DIR/samples already holds a
+    request of that name with other settings."""
+    cfg, s = run.cfg, sampling
+    cond = run.conditional and guide is None  # classifier-free guidance at s.guidance
+    labelled = run.conditional if guide is None else guide.needs_labels  # class-balanced labels: i mod classes
     settings = dict(run=cfg.name, config_hash=cfg.hash(), dataset=cfg.data.dataset, step=run.step, ema=run.ema,
                     conditional=cond, guidance=s.guidance if cond else None, convention=s.convention if cond else None,
                     sampler=s.sampler, steps=s.steps, clip_x0=s.clip_x0, seed=seed, num=num,
-                    labels="i mod classes" if cond else "none")
+                    labels="i mod classes" if labelled else "none")
     if s.eta:  # only then: the files of deterministic requests keep the settings they were made with
         settings["eta"] = s.eta
-    guide = f"_{s.convention}_{s.guidance:g}" if cond else ""
-    name = out or (f"step_{run.step:09d}{guide}_{s.sampler}{s.steps}{f'_eta{s.eta:g}' if s.eta else ''}"
+    if guide is not None:  # likewise: only requests with another guidance carry its settings
+        settings.update(guide.settings())
+    tag = f"_{s.convention}_{s.guidance:g}" if cond else f"_{guide.name}" if guide is not None else ""
+    name = out or (f"step_{run.step:09d}{tag}_{s.sampler}{s.steps}{f'_eta{s.eta:g}' if s.eta else ''}"
                    f"{'' if run.ema else '_raw'}{'_clip' if s.clip_x0 else ''}_n{num}_seed{seed}")
     path = run.run_dir / "samples" / f"{name}.h5"
     old = finished_settings(path)
@@ -147,7 +181,7 @@ def sample_set_for(run: LoadedRun, sampling: Sampling, seed: int, num: int, batc
                         f"{', '.join(differences(old, settings))}); move it away, or pass jobs.sample another --out NAME")
     store = ShardStore(run.run_dir / "samples" / f"{name}.shards", num, batch)
     store.check(settings, "pass the same settings to finish it, or jobs.sample another --out NAME")
-    return SampleSet(run, s, seed, settings, path, store, old is not None)
+    return SampleSet(run, s, seed, settings, path, store, old is not None, guide=guide)
 
 
 def _write_extras(samples: SampleSet, log) -> None:
@@ -177,7 +211,9 @@ def make_samples(samples: SampleSet, ranks: RankGroup = RankGroup(), log=print, 
     run, store, s, rank = samples.run, samples.store, samples.settings, ranks.rank
     what = (f"{s['num']} samples of {run.run_dir} at step {s['step']} ({'EMA' if s['ema'] else 'raw'}), "
             f"{s['sampler']} {s['steps']} steps" + (f", eta {s['eta']:g}" if s.get("eta") else "")
-            + (f", {s['convention']}={s['guidance']:g}" if s["conditional"] else ""))
+            + (f", {s['convention']}={s['guidance']:g}" if s["conditional"] else "")
+            + (f", classifier guidance s={s['cg_scale']:g} by {s['classifier_guidance']}" if "cg_scale" in s else "")
+            + (f", mix {s['mix']}" if "mix" in s else ""))
     if samples.finished:
         if rank == 0:
             log(f"already complete: {samples.out} holds {what}; nothing to generate")
@@ -201,8 +237,8 @@ def make_samples(samples: SampleSet, ranks: RankGroup = RankGroup(), log=print, 
                 f"(exit {REQUEUE_EXIT_CODE})")
             return REQUEUE_EXIT_CODE
         idx = store.indices(k)
-        labels = torch.arange(idx.start, idx.stop) % run.num_classes if run.conditional else None
-        x = generate(model, run.cfg, samples.sampling, labels, seed=samples.seed, indices=idx, device=run.device)
+        labels = torch.arange(idx.start, idx.stop) % run.num_classes if s["labels"] != "none" else None
+        x = sample_with(model, run, samples.sampling, labels, samples.guide, seed=samples.seed, indices=idx)
         store.commit(k, run.to_u8(x), (labels if labels is not None else torch.full((len(idx),), -1)).numpy())
         made += len(idx)
         bar.update(len(idx))

@@ -1,5 +1,5 @@
 """The evaluation parts that run a sampler (see :mod:`ddpm.evaluate.parts` for the table): each takes
-(evaluation, out_dir, log), writes its figures into out_dir and returns a JSON-ready section for
+(evaluation, out_dir, log, done), writes its figures into out_dir and returns a JSON-ready section for
 ``metrics.json``. They sample with the evaluation's :class:`~ddpm.evaluate.sampling_choice.SamplingChoice`
 and score with its :class:`~ddpm.evaluate.scorers.Scorers`.
 
@@ -16,9 +16,11 @@ import torch
 
 from ddpm.data.datasets import DATASETS
 from ddpm.data.images import make_grid
-from ddpm.diffusion.from_config import Sampling, generate, network_evaluations
-from ddpm.diffusion.samplers import ddim_timesteps, slerp, to_gamma
+from ddpm.diffusion.from_config import Sampling, network_evaluations
+from ddpm.diffusion.samplers import slerp, to_gamma
 from ddpm.evaluate import figures
+from ddpm.evaluate.guides import sample_with
+from ddpm.evaluate.sampling_choice import table_steps, takes_eta
 from ddpm.run.checkpoints import CheckpointManager
 from ddpm.run.evaluations import convention_symbol
 from ddpm.run.grids import grid_figure
@@ -30,31 +32,31 @@ MAX_PROGRESSION = 8           # checkpoints shown in the progression figure
 MAX_GIF_FRAMES = 40
 STATIC_COLUMNS = 8            # trajectory snapshots in the static denoising figures
 INTERP_ROWS, INTERP_COLS = 5, 8
-TABLE_STEPS = {"ddim": (10, 20, 50, 100), "euler": (10, 20, 50, 100), "heun": (5, 10, 25, 50)}  # ddpm: T
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
 
-def _class_names(ev) -> list[str]:
+def class_names(ev) -> list[str]:
     """Row labels of class-conditional grids: CIFAR-10's "airplane", "automobile", ...; MNIST's digits."""
     return list(DATASETS[ev.run.cfg.data.dataset]["class_names"])
 
 
-def _sample(ev, net, spec: Sampling, labels, n, x_T=None, callback=None):
+def sample(ev, net, spec: Sampling, labels, n, x_T=None, callback=None, guide=None):
     """Samples 0 .. n-1 of ``spec`` with the evaluation's seed (model space), made CHUNK at a time (bounded
-    memory; sample i does not depend on the chunk it is made in)."""
+    memory; sample i does not depend on the chunk it is made in). ``guide``: a
+    :mod:`ddpm.evaluate.guides` record (classifier guidance, a mixture) instead of classifier-free guidance."""
     run = ev.run
     model = run.objective.denoiser(net)
     parts = []
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
-        parts.append(generate(model, run.cfg, spec, None if labels is None else labels[lo:hi], seed=ev.seed,
-                              indices=range(lo, hi), device=run.device,
-                              x=None if x_T is None else x_T[lo:hi], callback=callback).cpu())
+        parts.append(sample_with(model, run, spec, None if labels is None else labels[lo:hi], guide, seed=ev.seed,
+                                 indices=range(lo, hi), x=None if x_T is None else x_T[lo:hi],
+                                 callback=callback).cpu())
     return torch.cat(parts)
 
 
-def _symbol(ev) -> str:
+def symbol(ev) -> str:
     return convention_symbol(ev.sampling.convention)
 
 
@@ -66,26 +68,25 @@ def _guide_line(ev, scale=None) -> str:
         guide = "guidance convention γ (γ=1 conditional, γ=0 unconditional)"
     else:
         guide = "guidance convention w (w=0 conditional, w=−1 unconditional)"
-    return guide + (f" · {_symbol(ev)}={scale:g}" if scale is not None and ch.conditional else "")
+    return guide + (f" · {symbol(ev)}={scale:g}" if scale is not None and ch.conditional else "")
 
 
-def _sampler_line(ev, spec: Sampling, scale=None) -> str:
-    clip = ", x0 clipped" if spec.clip_x0 and spec.sampler in ("ddpm", "ddim") else ""
-    eta = f", eta {spec.eta:g}" if spec.sampler == "ddim" and spec.eta else ""
-    return f"sampler {spec.sampler}, {spec.steps} steps{clip}{eta} · {_guide_line(ev, scale)}"
+def sampler_line(ev, spec: Sampling, scale=None, guide: str | None = None) -> str:
+    """'sampler ddim 20 steps, x0 clipped · guidance convention γ (...) · γ=3' (``guide``: another guidance)."""
+    return f"sampler {spec.describe()} · {guide or _guide_line(ev, scale)}"
 
 
 HEADLINE = (("inception_fid", "FID"), ("inception_score", "IS"), ("kid", "KID"), ("precision", "precision"),
             ("recall", "recall"), ("accuracy", "accuracy"), ("feature_fid", "feature-FID"))
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
 # ---- generative runs -----------------------------------------------------------------------------
 
-def guidance_part(ev, out, log) -> dict:
+def guidance_part(ev, out, log, done=None) -> dict:
     """Samples per guidance scale → archive groups, per-scale grids, the guidance grid, scores."""
     run, ch = ev.run, ev.sampling
     n_cls, cond = run.num_classes, ch.conditional
@@ -97,7 +98,7 @@ def guidance_part(ev, out, log) -> dict:
     for scale in ch.scales:
         spec = ch.at(scale)
         t0 = time.perf_counter()
-        u8 = run.to_u8(_sample(ev, run.net, spec, labels, n))
+        u8 = run.to_u8(sample(ev, run.net, spec, labels, n))
         wall = time.perf_counter() - t0
         name = f"{ch.convention}_{scale:g}" if cond else "uncond"
         group = f"{ev.group_prefix}/{name}"
@@ -113,35 +114,35 @@ def guidance_part(ev, out, log) -> dict:
         row = {"scale": scale, "gamma": to_gamma(scale, ch.convention) if cond else None, "n": n,
                "group": group, "wall_s": round(wall, 3), **ev.scorers.score(u8, labels)}
         rows.append(row)
-        log(f"  {name}: {n} samples in {wall:.1f} s · accuracy {_fmt(row['accuracy'])} · "
-            f"feature-FID {_fmt(row['feature_fid'])}")
+        log(f"  {name}: {n} samples in {wall:.1f} s · accuracy {fmt(row['accuracy'])} · "
+            f"feature-FID {fmt(row['feature_fid'])}")
         firsts.append(u8[::k])
         if draw and cond:  # rows: classes, columns: K samples each
             shown = u8.reshape(n_cls, k, *u8.shape[1:])[:, :ev.per_class].reshape(-1, *u8.shape[1:])
             figs.append(grid_figure(
                 out / f"samples_{name}.png", make_grid(shown, ev.per_class), rows=n_cls, cols=ev.per_class,
-                title=[f"Samples at {_symbol(ev)}={scale:g}: {ev.per_class} per class", run.checkpoint_line,
-                       _sampler_line(ev, spec)],
-                row_labels=_class_names(ev), ylabel="requested class", xlabel="samples (different noise)"))
+                title=[f"Samples at {symbol(ev)}={scale:g}: {ev.per_class} per class", run.checkpoint_line,
+                       sampler_line(ev, spec)],
+                row_labels=class_names(ev), ylabel="requested class", xlabel="samples (different noise)"))
         elif draw:  # unconditional: K rows of n_cls samples
             figs.append(grid_figure(
                 out / f"samples_{name}.png", make_grid(u8[:n_cls * ev.per_class], n_cls), rows=ev.per_class,
                 cols=n_cls, title=[f"Unconditional samples ({n_cls * ev.per_class})", run.checkpoint_line,
-                                   _sampler_line(ev, spec)]))
+                                   sampler_line(ev, spec)]))
     if draw and cond:
         cells = np.stack(firsts, 1).reshape(-1, *firsts[0].shape[1:])  # row = class, column = scale
-        sym = _symbol(ev)
+        sym = symbol(ev)
         figs.insert(0, grid_figure(
             out / "guidance_grid.png", make_grid(cells, len(ch.scales)), rows=n_cls, cols=len(ch.scales),
             title=["Classifier-free guidance sweep (one noise per row, shared by all scales)", run.checkpoint_line,
-                   _sampler_line(ev, ch.main)],
-            row_labels=_class_names(ev), col_labels=[f"{sym}={s:g}" for s in ch.scales],
+                   sampler_line(ev, ch.main)],
+            row_labels=class_names(ev), col_labels=[f"{sym}={s:g}" for s in ch.scales],
             xlabel=f"guidance scale {sym}", ylabel="requested class"))
     return {"sampler": ch.main.sampler, "steps": ch.main.steps, "per_class": k, "rows": rows, "figures": figs,
             "archive_groups": groups}
 
 
-def fid_part(ev, out, log) -> dict:
+def fid_part(ev, out, log, done=None) -> dict:
     """Scores the --fid-samples N samples per scale that jobs.sample's machinery made (the job makes the
     sets on every rank first; here they are read back from RUN_DIR/samples/NAME.h5)."""
     ch, rows = ev.sampling, []
@@ -153,13 +154,13 @@ def fid_part(ev, out, log) -> dict:
                "n": len(u8), "file": str(samples.out), **ev.scorers.score(u8, labels)}
         row["score_s"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
-        what = f"{_symbol(ev)}={scale:g}" if ch.conditional else "unconditional"
+        what = f"{symbol(ev)}={scale:g}" if ch.conditional else "unconditional"
         log(f"  {what}: {len(u8)} samples scored in {row['score_s']:.1f} s · " + " · ".join(
-            f"{label} {_fmt(row[key])}" for key, label in HEADLINE if row[key] is not None))
+            f"{label} {fmt(row[key])}" for key, label in HEADLINE if row[key] is not None))
     return {"n": ev.fid_sets[0].num, "sampler": ch.main.sampler, "steps": ch.main.steps, "rows": rows, "figures": []}
 
 
-def progression_part(ev, out, log) -> dict:
+def progression_part(ev, out, log, done=None) -> dict:
     run, spec = ev.run, ev.sampling.fast
     manager = CheckpointManager(run.run_dir / "checkpoints")
     steps = [s for s in manager.steps() if s <= run.step] or [run.step]
@@ -174,85 +175,80 @@ def progression_part(ev, out, log) -> dict:
         else:
             _, state = manager.load(s)
             net = run.load_net(state, run.ema and state.get("ema") is not None, f"step {s}")
-        rows.append(run.to_u8(_sample(ev, net, spec, labels, n_cls)))
+        rows.append(run.to_u8(sample(ev, net, spec, labels, n_cls)))
     fig = grid_figure(
         out / "progression.png", make_grid(np.concatenate(rows), n_cls), rows=len(steps), cols=n_cls,
         title=["Progression across retained checkpoints (same noise)", run.checkpoint_line,
-               _sampler_line(ev, spec, spec.guidance)],
-        row_labels=[f"step {s}" for s in steps], col_labels=_class_names(ev) if cond else None,
+               sampler_line(ev, spec, spec.guidance)],
+        row_labels=[f"step {s}" for s in steps], col_labels=class_names(ev) if cond else None,
         xlabel="requested class" if cond else "sample", ylabel="checkpoint")
     return {"checkpoint_steps": steps, "scale": spec.guidance, "sampler": spec.sampler, "steps": spec.steps,
             "figures": [fig]}
-
-
-def _step_count(ev, spec: Sampling) -> int:
-    """How many steps ``spec`` takes (each one a callback)."""
-    return len(ddim_timesteps(ev.run.cfg.diffusion.T, spec.steps)) if spec.sampler == "ddim" else spec.steps
 
 
 def _spread(items: list, n: int) -> list:
     return items if len(items) <= n else [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def gifs_part(ev, out, log) -> dict:
+def gifs_part(ev, out, log, done=None) -> dict:
     run, spec, cond = ev.run, ev.sampling.main, ev.sampling.conditional
     n_cls, scale = run.num_classes, spec.guidance
     labels = torch.arange(n_cls) if cond else None
-    keys = _spread(list(range(_step_count(ev, spec))), MAX_GIF_FRAMES)  # sampler step indices
-    wanted, xt, x0, times = set(keys), {}, {}, {}
+    # Every step calls back once (ddpm: T; the others: their steps); the frames are taken from what was seen.
+    wanted, xt, x0, times = set(_spread(list(range(spec.steps)), MAX_GIF_FRAMES)), {}, {}, {}
 
     def capture(k, t, x, x0_hat):
         if k in wanted:
             xt[k], x0[k], times[k] = run.to_u8(x), run.to_u8(x0_hat), t
 
-    x = _sample(ev, run.net, spec, labels, n_cls, callback=capture)
-    caption = (lambda k: f"t={times[k]:.2f}") if isinstance(times[0], float) else (lambda k: f"t={times[k]}")
+    x = sample(ev, run.net, spec, labels, n_cls, callback=capture)
+    keys = sorted(xt)
+    caption = (lambda k: f"t={times[k]:.3g}") if isinstance(times[keys[0]], float) else (lambda k: f"t={times[k]}")
     final = run.to_u8(x)
     figs = []
     for c in range(n_cls):
-        head = f"class {_class_names(ev)[c]}" if cond else f"sample {c}"
+        head = f"class {class_names(ev)[c]}" if cond else f"sample {c}"
         figs.append(figures.trajectory_gif(
             out / f"denoising_{'class' if cond else 'sample'}{c}.gif",
             [xt[k][c] for k in keys] + [final[c]], [x0[k][c] for k in keys] + [final[c]],
             [caption(k) for k in keys] + ["final sample"], head,
-            f"step {run.step} · {spec.sampler}, {spec.steps} steps" + (f" · {_symbol(ev)}={scale:g}" if cond else "")))
+            f"step {run.step} · {spec.describe()}" + (f" · {symbol(ev)}={scale:g}" if cond else "")))
     cols = _spread(keys, STATIC_COLUMNS)
     for what, frames in (("xt", xt), ("x0", x0)):
         cells = np.stack([frames[k] for k in cols], 1).reshape(-1, *final.shape[1:])
         figs.append(grid_figure(
             out / f"denoising_{what}.png", make_grid(cells, len(cols)), rows=n_cls, cols=len(cols),
             title=["Reverse process: " + ("noisy x_t" if what == "xt" else "predicted clean image x̂0 at each t"),
-                   run.checkpoint_line, _sampler_line(ev, spec, scale)],
-            row_labels=_class_names(ev) if cond else None,
+                   run.checkpoint_line, sampler_line(ev, spec, scale)],
+            row_labels=class_names(ev) if cond else None,
             col_labels=[caption(k) for k in cols], xlabel="sampling progress (left: pure noise)",
             ylabel="requested class" if cond else ""))
     return {"scale": scale, "sampler": spec.sampler, "steps": spec.steps, "frames": len(keys) + 1, "figures": figs}
 
 
-def steps_part(ev, out, log) -> dict:
+def steps_part(ev, out, log, done=None) -> dict:
     """The run's samplers at several step counts (ddpm: T), from the same noise, at the display scale."""
     run, main = ev.run, ev.sampling.main
-    T, n, scale = run.cfg.diffusion.T, ev.table_samples, main.guidance
-    runs = [(s, k) for s in run.objective.samplers
-            for k in ((T,) if s == "ddpm" else sorted({min(k, T) if s == "ddim" else k for k in TABLE_STEPS[s]}))]
+    n, scale = ev.table_samples, main.guidance
+    runs = [(s, k) for s in run.objective.samplers for k in table_steps(run.cfg, s)]
     labels = torch.arange(n) % run.num_classes if ev.sampling.conditional else None
     rows = []
     for sampler, steps in runs:
-        spec = replace(main, sampler=sampler, steps=steps, eta=main.eta if sampler == "ddim" else 0.0)
+        spec = replace(main, sampler=sampler, steps=steps, eta=main.eta if takes_eta(sampler) else 0.0)
         t0 = time.perf_counter()
-        u8 = run.to_u8(_sample(ev, run.net, spec, labels, n))
+        u8 = run.to_u8(sample(ev, run.net, spec, labels, n))
         wall = time.perf_counter() - t0
         evals = network_evaluations(sampler, steps)
         rows.append({"sampler": sampler, "steps": steps, "evaluations": evals, "n": n, "wall_s": round(wall, 3),
                      **{k: v for k, v in ev.scorers.score(u8, labels).items() if k in ("accuracy", "feature_fid")}})
-        log(f"  {sampler} {steps} steps: {wall:.1f} s · accuracy {_fmt(rows[-1]['accuracy'])}")
+        log(f"  {sampler} {steps} steps: {wall:.1f} s · accuracy {fmt(rows[-1]['accuracy'])}")
     fig = figures.steps_figure(out / "steps_vs_quality.png", rows, [
         f"Sampler steps vs quality · {run.checkpoint_line}",
         f"{n} samples per setting, same noise · " + _guide_line(ev, scale)])
     return {"scale": scale, "n": n, "rows": rows, "figures": [fig]}
 
 
-def interpolation_part(ev, out, log) -> dict:
+def interpolation_part(ev, out, log, done=None) -> dict:
     run, spec, cond = ev.run, ev.sampling.fast, ev.sampling.conditional
     facts = DATASETS[run.cfg.data.dataset]
     c, size, n_cls = facts["channels"], facts["size"], facts["classes"]
@@ -262,12 +258,12 @@ def interpolation_part(ev, out, log) -> dict:
     x_T = torch.stack([slerp(z0[r], z1[r], a) for r in range(INTERP_ROWS) for a in alphas])
     row_classes = [(2 * r) % n_cls for r in range(INTERP_ROWS)]
     labels = torch.tensor(row_classes).repeat_interleave(INTERP_COLS) if cond else None
-    x = _sample(ev, run.net, spec, labels, len(x_T), x_T=x_T.to(run.device))
+    x = sample(ev, run.net, spec, labels, len(x_T), x_T=x_T.to(run.device))
     fig = grid_figure(
         out / "interpolation.png", make_grid(run.to_u8(x), INTERP_COLS), rows=INTERP_ROWS, cols=INTERP_COLS,
         title=["Spherical interpolation between two noises (deterministic decoding)", run.checkpoint_line,
-               _sampler_line(ev, spec, spec.guidance)],
-        row_labels=[f"class {_class_names(ev)[k]}" for k in row_classes] if cond else None,
+               sampler_line(ev, spec, spec.guidance)],
+        row_labels=[f"class {class_names(ev)[k]}" for k in row_classes] if cond else None,
         col_labels=[f"α={a:.2f}" for a in alphas], xlabel="slerp weight α (0: first noise, 1: second)",
         ylabel="one noise pair per row")
     return {"rows": INTERP_ROWS, "alphas": alphas, "row_classes": row_classes if cond else None,

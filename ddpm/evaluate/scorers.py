@@ -52,6 +52,15 @@ class Scorers:
             out.update(self.inception.score(images))
         return out
 
+    def shares(self, u8: np.ndarray, classes) -> list[float] | None:
+        """The fraction of uint8 samples (N, H, W, C) the classifier assigns to each of ``classes`` (a mixture's
+        samples); None without a classifier."""
+        if self.classifier is None:
+            return None
+        images = torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2)
+        predicted = feature_cnn.classify(self.classifier, images, self.device)[0].argmax(1)
+        return [float((predicted == c).float().mean()) for c in classes]
+
 
 def choose_scorers(cfg, device: torch.device, *, classifier: str | None = None, use_classifier: bool = True,
                    inception_weights: str | None = None, reference_images: int | None = None) -> Scorers:

@@ -5,6 +5,7 @@ Layout under ``RUN_DIR/checkpoints``::
     step_000001234/state.pt        torch.save of a plain dict (tensors, dicts, lists, str, numbers)
     step_000001234/manifest.json   {"step", "created", "torch", "files": {"state.pt": {"size", "sha256"}}}
     latest                         text file holding the name of the newest complete checkpoint dir
+    best                           the same for the checkpoint of the lowest held-out loss (if tracked)
 
 A checkpoint counts only once its manifest exists; `latest` is the commit point. A crash at any moment
 leaves at worst a ``*.tmp`` dir (removed at the next save) or a step dir without manifest (skipped with a
@@ -28,6 +29,7 @@ from ddpm.run.atomic import atomic_write, fsync_dir
 from ddpm.run.restarts import LATEST_FILE, parse_latest
 
 STATE_FILE = "state.pt"
+BEST_FILE = "best"  # RUN_DIR/checkpoints/best: names the step dir of the lowest held-out loss (same format as latest)
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)(\.old)?$")  # ".old": a checkpoint moved aside while re-saving its step
 _CHUNK = 1 << 20
@@ -111,9 +113,11 @@ class CheckpointManager:
 
     keep_last: how many of the newest checkpoints to keep (>= 1).
     keep_every: additionally keep every checkpoint whose step is a multiple of this (0 = none).
+    keep: additionally keep every checkpoint whose step it is true of (the training's epoch checkpoints).
+    The checkpoint ``best`` names is always kept.
     """
 
-    def __init__(self, directory, keep_last: int = 3, keep_every: int = 0):
+    def __init__(self, directory, keep_last: int = 3, keep_every: int = 0, keep=None):
         if keep_last < 1:
             raise UserError(f"checkpoint keep_last must be >= 1, got {keep_last} (set it to 1 or more)")
         if keep_every < 0:
@@ -121,6 +125,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.keep = keep
 
     # ---- discovery -------------------------------------------------------------------------------
     def _candidates(self) -> list[tuple[int, Path]]:
@@ -141,25 +146,37 @@ class CheckpointManager:
         return sorted(step for step, p in self._candidates()
                       if not p.name.endswith(".old") and (p / MANIFEST_FILE).is_file())
 
-    def _latest_step(self) -> int | None:
-        """The step `latest` names, or None if the pointer is missing, garbled or names a missing dir."""
+    def _latest_step(self, pointer: str = LATEST_FILE) -> int | None:
+        """The step `latest` (or `best`) names, or None if the pointer is missing, garbled or names a missing dir."""
         try:
-            name = (self.directory / LATEST_FILE).read_text(errors="replace").strip()
+            name = (self.directory / pointer).read_text(errors="replace").strip()
         except OSError:
             return None
         step = parse_latest(name)  # the one parser of `latest`, shared with the launchers and the templates
         if step is None:
-            warnings.warn(f"ignoring garbled {self.directory / LATEST_FILE}: {name[:40]!r}", stacklevel=3)
+            warnings.warn(f"ignoring garbled {self.directory / pointer}: {name[:40]!r}", stacklevel=3)
             return None
         if not any(s == step for s, _ in self._candidates()):
-            warnings.warn(f"{self.directory / LATEST_FILE} names missing {name}; "
-                          "considering all checkpoints", stacklevel=3)
+            warnings.warn(f"{self.directory / pointer} names missing {name}; "
+                          + ("considering all checkpoints" if pointer == LATEST_FILE else "ignoring it"), stacklevel=3)
             return None
         return step
 
+    def best_step(self) -> int | None:
+        """The step ``best`` names (the lowest held-out loss so far), or None."""
+        return self._latest_step(BEST_FILE) if (self.directory / BEST_FILE).exists() else None
+
+    def set_best(self, step: int | None) -> None:
+        """Point ``best`` at checkpoint ``step`` (which must exist), or remove the pointer (None)."""
+        if step is None:
+            (self.directory / BEST_FILE).unlink(missing_ok=True)
+        else:
+            atomic_write(self.directory / BEST_FILE, _dir_name(step) + "\n")
+
     # ---- saving ----------------------------------------------------------------------------------
-    def save(self, step: int, state: dict) -> Path:
-        """Atomically write ``state`` as checkpoint ``step``, point `latest` at it, apply retention.
+    def save(self, step: int, state: dict, best: bool = False) -> Path:
+        """Atomically write ``state`` as checkpoint ``step``, point `latest` (and, if ``best``, `best`) at it,
+        apply retention.
 
         state: a plain dict of tensors / dicts / lists / tuples / str / int / float / bool / None
         (model state_dicts unwrapped, see `clean_state_dict`), so it loads with weights_only=True.
@@ -175,6 +192,8 @@ class CheckpointManager:
         aside = final.with_name(final.name + ".old")
         try:
             self._write(step, state, tmp, final, aside)
+            if best:
+                self.set_best(step)
         except BaseException:
             self._undo(tmp, final, aside)  # a failed save (a full disk, say) leaves the previous state
             raise
@@ -242,9 +261,11 @@ class CheckpointManager:
         ranked or deleted: they are replaced when the run gets there again.
         """
         complete = [s for s in self.steps() if s <= step]
-        keep = set(complete[-self.keep_last:]) | {step}
+        keep = set(complete[-self.keep_last:]) | {step, self.best_step()}
         if self.keep_every:
             keep |= {s for s in complete if s % self.keep_every == 0}
+        if self.keep is not None:
+            keep |= {s for s in complete if self.keep(s)}
         for s, p in self._candidates():
             if s < step and s not in keep and not p.name.endswith(".old"):
                 _remove(p)  # also drops step dirs a crash left without manifest
@@ -275,7 +296,7 @@ class CheckpointManager:
         return None
 
     def load(self, which) -> tuple[int, dict]:
-        """(step, state) of a chosen checkpoint. which: an int step, "latest", or a path to a
+        """(step, state) of a chosen checkpoint. which: an int step, "latest", "best", or a path to a
         checkpoint dir or its state.pt (possibly in another run dir). Raises UserError if it is
         missing or fails verification; never falls back."""
         if isinstance(which, str) and which == "latest":
@@ -284,6 +305,11 @@ class CheckpointManager:
                 raise UserError(f"no checkpoint in {self.directory} to resume from (train from scratch "
                                 "by not asking to resume)")
             return found
+        if isinstance(which, str) and which == "best":
+            which = self.best_step()
+            if which is None:
+                raise UserError(f"no best checkpoint in {self.directory}: it is kept by runs with checkpoint.best=true "
+                                f"(and log.test_every_epochs) once an epoch ends; available steps: {self.steps() or 'none'}")
         if isinstance(which, str) and which.isdigit() and not Path(which).exists():
             which = int(which)
         if isinstance(which, int) and not isinstance(which, bool):

@@ -2,7 +2,11 @@
 
 The caller passes values already reduced across ranks; other ranks build ``RunLogger(enabled=False)``,
 whose methods do nothing. metrics.jsonl holds the same scalars for the evaluation job, one JSON object
-per line: ``{"step": int, "epoch": float | null, "time": unix seconds, **scalars}``.
+per line: ``{"step": int, "epoch": float | null, "time": unix seconds, **scalars}``. The training job's
+scalars: ``loss``, ``loss/q0``..``q3`` (by noise-level quartile), ``lr``, ``grad_norm``, ``images_per_s``
+(``gpu_mem_gb`` on CUDA) at every logged step; at the step that ends an epoch (``epoch`` a whole number)
+also ``epoch_loss`` (the epoch's mean training loss) and, at the ``log.test_every_epochs`` epochs,
+``test_loss`` and ``test_loss/q0``..``q3`` (the held-out loss of the weights samples use, EMA or not).
 
 Resume: the steps after the checkpoint are redone, so ``RunLogger(resume_step=k)`` drops every
 metrics.jsonl row with step > k and opens TensorBoard with ``purge_step=k + 1`` (readers then hide the

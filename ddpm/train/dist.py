@@ -232,6 +232,15 @@ def reduce_mean(values, device):
     return dict(zip(keys, t.tolist()))
 
 
+def broadcast_buffers(module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, in place; no-op without a process group.
+    Training never broadcasts them (batch statistics train; rank 0's are saved and sampled with), so a net
+    evaluated on every rank (the held-out loss) must first take rank 0's, the ones its checkpoint holds."""
+    if _initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def cleanup() -> None:
     """Leave the process group (call once at the end of a run); no-op without one."""
     if _initialized():

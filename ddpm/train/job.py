@@ -22,12 +22,15 @@ def train(config, overrides=(), run_dir=None, force: bool = False, dry_run: bool
     if dry_run:
         run_dir, resume = rundir.prepare_run_dir(cfg, run_dir, force)
         log(json.dumps(cfg.to_dict(), indent=2))
+        log(model_line(cfg))
         log(f"run dir: {run_dir} ({'resume' if resume else 'new run'})")
         return 0
     from ddpm.train.dist import broadcast_from_main, cleanup, init_distributed
     from ddpm.train.loop import Trainer
 
     info = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+    if info.is_main:
+        log(model_line(cfg))
     lock, created = None, False
     try:
         run_dir, resume = rundir.prepare_run_dir(cfg, run_dir, force)
@@ -40,7 +43,7 @@ def train(config, overrides=(), run_dir=None, force: bool = False, dry_run: bool
             rundir.write_config(run_dir, cfg)
         rc = trainer.run()
         if rc == 0 and info.is_main:
-            log(closing_lines(run_dir, trainer.grids))
+            log(closing_lines(run_dir, trainer.grids, trainer.best))
         return rc
     except OutOfSpace as e:
         raise OutOfSpace(no_space_message(e, run_dir), e.path, e.error) from None
@@ -50,6 +53,17 @@ def train(config, overrides=(), run_dir=None, force: bool = False, dry_run: bool
             if created and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # a new run that failed before its first write leaves nothing behind
         cleanup()
+
+
+def model_line(cfg) -> str:
+    """``model: res_unet, 712,289 parameters``: the net's size, counted on the meta device (no weights made)."""
+    import torch
+
+    from ddpm.nets.registry import build_net
+
+    with torch.device("meta"):
+        net = build_net(cfg.model["arch"], **cfg.net_kwargs())
+    return f"model: {cfg.model['arch']}, {sum(p.numel() for p in net.parameters()):,} parameters"
 
 
 def _lock(run_dir: Path, info, log) -> RunLock | None:
@@ -85,13 +99,16 @@ def no_space_message(e: OutOfSpace, run_dir) -> str:
             f"there); {last}: free space or raise the quota, then rerun the same command to resume")
 
 
-def closing_lines(run_dir: Path, grids: list) -> str:
-    """Where to look and what to run next, after the done: line."""
+def closing_lines(run_dir: Path, grids: list, best=None) -> str:
+    """Where to look and what to run next, after the done: line. ``best``: (step, test_loss) of checkpoints/best."""
     lines = []
     if grids:
         last = grids[-1]
         same_step = [g.name for g in grids[:-1] if g.name.split("_")[1] == last.name.split("_")[1]]
         lines.append(f"samples: {last}" + (f" (also {', '.join(same_step)})" if same_step else ""))
+    if best:
+        lines.append(f"best: {run_dir / 'checkpoints' / f'step_{best[0]:09d}'} (test loss {best[1]:.4f}; "
+                     "checkpoints/best names it)")
     q = shlex.quote
     lines += ["next:", f"  python -m jobs.evaluate {q(str(run_dir))}   # guidance grid, loss curves, GIFs, metrics",
               f"  python -m jobs.tensorboard {q(str(run_dir.parent))}   # curves and grids in a browser (prints the ssh tunnel)"]

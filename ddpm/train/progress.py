@@ -25,6 +25,13 @@ class Progress:
             print(f"step {step}/{self.total} ({100 * step / self.total:.1f}%) | loss {loss:.4f} | "
                   f"{images_per_s:,.0f} img/s | ETA {_hms(eta)}", flush=True)
 
+    def note(self, line: str) -> None:
+        """A line of its own (an epoch's losses), above the bar or among the progress lines."""
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.mode == "lines":
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

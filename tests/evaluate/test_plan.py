@@ -1,5 +1,6 @@
 """ddpm.evaluate.plan / loaded_run / sampling_choice / sample_sets: what the jobs ask for becomes frozen
 records, every default resolved, nothing written (runs with random weights: no sampler runs here)."""
+import ast
 import dataclasses
 import re
 
@@ -7,24 +8,25 @@ import pytest
 import torch
 
 from ddpm.config import load_config
-from ddpm.diffusion.from_config import Sampling
+from ddpm.diffusion.from_config import SAMPLERS, Sampling
+from ddpm.diffusion.objectives import OBJECTIVES
 from ddpm.errors import UserError
 from ddpm.evaluate.loaded_run import load_run
 from ddpm.evaluate.plan import EvaluationArgs, plan_evaluation
 from ddpm.evaluate.sample_sets import SamplesArgs, plan_samples
-from ddpm.evaluate.sampling_choice import choose_sampling
+from ddpm.evaluate.sampling_choice import choose_sampling, fast_sampler, runs_every_step, table_steps, takes_eta
 from ddpm.nets.registry import build_net
 from ddpm.run.checkpoints import CheckpointManager
 from ddpm.run.rundir import read_run_config, write_config
 
-from conftest import TINY_MNIST
+from conftest import ROOT, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def make_run(tmp_path_factory, mnist_root):
     """make_run(name, overrides) → the run dir of a checkpoint at step 5 with random weights."""
     d = tmp_path_factory.mktemp("plan")
-    (d / "tiny.yaml").write_text(TINY_MNIST.format(root=mnist_root))
+    write_tiny_config(d, mnist_root)
 
     def make(name, overrides=()):
         cfg = load_config(d / "tiny.yaml", list(overrides))
@@ -100,3 +102,33 @@ def test_an_unconditional_net_samples_at_the_neutral_scale_of_either_convention(
                            "sample.guidance=[1.0]"])
     with pytest.raises(UserError, match="is a denoiser run: it does not generate samples"):
         plan_samples(SamplesArgs(str(den), num=4, device="cpu"))
+
+
+def test_the_evaluation_never_names_a_sampler():
+    """What a sampler is (its steps, its network evaluations, its eta) comes from ddpm.diffusion.from_config: a
+    new sampler there needs no change here, as no module outside ddpm/diffusion compares objective names."""
+    jobs = [ROOT / "jobs" / "evaluate.py", ROOT / "jobs" / "sample.py"]
+    files = sorted((ROOT / "ddpm" / "evaluate").glob("*.py")) + jobs
+    wrong = [f"{p.relative_to(ROOT)}:{n.lineno} {n.value!r}" for p in files for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Constant) and n.value in SAMPLERS]
+    assert not wrong, "sampler names in the evaluation: " + ", ".join(wrong)
+
+
+@pytest.mark.parametrize("objective", [o for o, cls in OBJECTIVES.items() if cls.samplers])
+def test_every_sampler_of_every_objective_plans_an_evaluation(make_run, objective):
+    """Each sampler of from_config.SAMPLERS that fits the objective: its main and fast sampling, steps-table rows and
+    name of its sample files resolve (nothing runs)."""
+    run_dir = make_run(f"all_{objective}", [f"diffusion.objective={objective}",
+                                            f"sample.sampler={OBJECTIVES[objective].samplers[-1]}"])
+    run = load_run(run_dir, read_run_config(run_dir), device="cpu")
+    assert not runs_every_step(fast_sampler(run.objective))
+    for sampler in run.objective.samplers:
+        choice = choose_sampling(run, sampler=sampler, fast_steps=7)
+        assert choice.main.sampler == sampler and not runs_every_step(choice.fast.sampler)
+        assert choice.main.steps == (50 if runs_every_step(sampler) else choice.main.steps) >= 1
+        rows = table_steps(run.cfg, sampler)
+        assert rows and all(1 <= k for k in rows) and (rows == (50,) if runs_every_step(sampler) else True)
+        samples = plan_samples(SamplesArgs(str(run_dir), num=4, sampler=sampler, device="cpu",
+                                           eta=0.5 if takes_eta(sampler) else None))
+        assert f"_{sampler}{samples.sampling.steps}" in samples.out.name
+    assert [s for s in SAMPLERS if takes_eta(s)] == ["ddim"] and [s for s in SAMPLERS if runs_every_step(s)] == ["ddpm"]

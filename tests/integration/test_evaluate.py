@@ -23,7 +23,7 @@ from ddpm.run.metrics_log import RunLogger, read_metrics
 from ddpm.run.rundir import write_config
 from jobs.evaluate import main as evaluate
 
-from conftest import ROOT, TINY_MNIST, python_env
+from conftest import ROOT, python_env, write_tiny_config
 
 CELL, PAD = 28, 2
 FAST = ["--device", "cpu", "--metric-samples", "20", "--table-samples", "4", "--fast-steps", "4"]
@@ -35,9 +35,7 @@ def _grid_px(n: int, scale: int) -> int:
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory, mnist_root):
-    path = tmp_path_factory.mktemp("cfg") / "tiny_mnist.yaml"
-    path.write_text(TINY_MNIST.format(root=mnist_root))
-    return path
+    return write_tiny_config(tmp_path_factory.mktemp("cfg"), mnist_root, "tiny_mnist.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +82,9 @@ def test_every_figure_with_grid_geometry(evaluated):
     figs = {f["file"]: f for f in _figures(m)}
     expected = {"guidance_grid.png", "samples_gamma_1.png", "samples_gamma_3.png", "loss_curves.png",
                 "progression.png", "denoising_xt.png", "denoising_x0.png", "steps_vs_quality.png",
-                "interpolation.png"} | {f"denoising_class{c}.gif" for c in range(10)}
+                "interpolation.png", "samples_vs_real_gamma_1.png", "samples_vs_real_gamma_3.png",
+                "dataset_preview.png", "mixture_sweep.png", "mixture_shares.png"} | \
+        {f"denoising_class{c}.gif" for c in range(10)}
     assert set(figs) == expected
     assert {p.name for p in out.iterdir() if p.suffix in (".png", ".gif")} == expected
     _check_grid(out, figs["guidance_grid.png"], 10, 2)  # rows: classes, columns: the two scales
@@ -93,6 +93,9 @@ def test_every_figure_with_grid_geometry(evaluated):
     n_cols = m["sections"]["gifs"]["frames"] - 1  # 5 DDIM steps: all captured, fewer than 8 columns
     _check_grid(out, figs["denoising_xt.png"], 10, n_cols)
     _check_grid(out, figs["interpolation.png"], 5, 8)
+    _check_grid(out, figs["samples_vs_real_gamma_3.png"], 2, 10)  # per_class 1: a sample row above a real row
+    _check_grid(out, figs["dataset_preview.png"], 10, 10)  # classes x 10 training images
+    _check_grid(out, figs["mixture_sweep.png"], 4, 7)  # 4 noises x 7 mixing weights
     for name in ("loss_curves.png", "steps_vs_quality.png"):
         w, h = Image.open(out / name).size
         assert w >= 600 and h >= 300
@@ -118,26 +121,56 @@ def test_guidance_grid_shows_the_archived_samples(evaluated, run):
                 assert np.array_equal(grid[y:y + CELL, x:x + CELL], images[c * k, :, :, 0]), (c, j)
 
 
+def test_real_rows_are_the_archived_samples_above_training_images_of_their_class(evaluated, mnist_root):
+    """Bonn figure 2: per scale, row 1 is the first archived sample of each class, row 2 a training image of
+    the column's class (the indices are in metrics.json)."""
+    from ddpm.data.datasets import load_dataset
+
+    out, m, _ = evaluated
+    real = m["sections"]["real_rows"]
+    images, labels = load_dataset("mnist", str(mnist_root), train=True)
+    assert real["per_class"] == 1 and real["train_images"] == 60000
+    assert [int(labels[i]) for i in real["real_indices"]] == list(range(10))
+    assert [int(labels[i]) for i in real["preview_indices"]] == list(range(10)) * 10  # row j: one image per class
+    row = m["sections"]["guidance"]["rows"][1]
+    fig = next(f for f in _figures(m) if f["file"] == "samples_vs_real_gamma_3.png")
+    grid = _check_grid(out, fig, 2, 10)
+    with h5py.File(out.parent.parent / "samples.h5", "r") as f:
+        made = f[row["group"]]["images"][()]
+    k = m["sections"]["guidance"]["per_class"]
+    for c in range(10):
+        x = PAD + c * (CELL + PAD)
+        assert np.array_equal(grid[PAD:PAD + CELL, x:x + CELL], made[c * k, :, :, 0]), c
+        y = PAD + CELL + PAD
+        assert np.array_equal(grid[y:y + CELL, x:x + CELL], images[real["real_indices"][c]][0].numpy()), c
+    assert "## Samples above real training images" in (out / "report.md").read_text()
+
+
 def test_metrics_json_has_every_field(evaluated, run, untrained_classifier):
     _, m, _ = evaluated
     cfg = load_config_from_run(run)
     assert {"run_dir", "run_name", "objective", "dataset", "config_hash", "created", "command", "checkpoint", "seed",
             "device", "parts", "sampler", "guidance", "samples", "classifier", "classifier_note", "inception",
             "versions", "archive", "export_npz", "timings_s", "sections"} <= set(m)
-    assert m["checkpoint"] == {"step": 20, "path": str(run / "checkpoints" / "step_000000020"), "ema": True}
+    assert m["checkpoint"] == {"step": 20, "path": str(run / "checkpoints" / "step_000000020"), "ema": True,
+                               "best_step": None}
     assert m["config_hash"] == cfg.hash() and m["seed"] == 1234 and m["device"] == "cpu"
     assert set(m["versions"]) >= {"python", "torch", "torchvision", "ddpm-hpc"}
     assert m["sampler"]["name"] == "ddim" and m["sampler"]["steps"] == 5  # the config's sampler
     assert m["guidance"] == {"convention": "gamma", "scales": [1.0, 3.0], "display_scale": 3.0, "conditional": True}
     assert m["classifier"]["path"] == str(untrained_classifier) and len(m["classifier"]["sha256"]) == 64
-    assert set(m["sections"]) == {"guidance", "curves", "progression", "gifs", "steps", "interpolation"}
+    assert set(m["sections"]) == {"guidance", "real_rows", "mixture", "curves", "progression", "gifs", "steps",
+                                  "interpolation"}
+    assert m["mixture"] == "3:1.5,8:1.5" and m["classifier_guidance"] is None  # the default mix: gamma 3 / 2 each
     for row in m["sections"]["guidance"]["rows"]:
         assert set(row) == {"scale", "gamma", "n", "group", "wall_s", "accuracy", "feature_fid", "inception_fid",
                             "inception_score", "kid", "precision", "recall"}
         assert row["n"] == 20 and 0 <= row["accuracy"] <= 1 and row["feature_fid"] > 0
         assert row["inception_fid"] is None  # no --inception-weights
     table = m["sections"]["steps"]["rows"]
-    assert [(r["sampler"], r["steps"]) for r in table] == [("ddpm", 50), ("ddim", 10), ("ddim", 20), ("ddim", 50)]
+    # every sampler of the objective at 10, 20, 50, 100 network evaluations, capped at T=50 (ddpm: all T)
+    assert [(r["sampler"], r["steps"]) for r in table] == [("ddpm", 50), ("ddim", 10), ("ddim", 20), ("ddim", 50),
+                                                            ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 50)]
     assert all(r["wall_s"] > 0 and r["accuracy"] is not None and r["feature_fid"] is not None for r in table)
     assert m["sections"]["progression"]["checkpoint_steps"] == [15, 20]
     assert set(m["timings_s"]) == set(m["sections"]) | {"total"}
@@ -176,7 +209,8 @@ def test_resumed_run_loss_curve_has_each_step_once(run, evaluated):
     assert len(series["loss"]) == len(series["loss_smooth"]) == len(series["lr"]) == 20
     assert set(series["buckets"]) == {"q0", "q1", "q2", "q3"} and all(len(v) == 20 for v in series["buckets"].values())
     assert all(len(v) == 20 for v in series["buckets_smooth"].values())
-    assert series["epoch"] == [0] and series["epoch_loss"][0] == pytest.approx(np.mean(series["loss"]))
+    assert series["epoch"] == [1] and series["epoch_loss"][0] == pytest.approx(np.mean(series["loss"]))
+    assert series["epoch_complete"] == [False] and series["test_loss"] == []  # 20 of 1875 steps: no epoch end
     # rows of a killed attempt left in the file (here: stale copies of 11-15) never show up twice
     lines = (run / "metrics.jsonl").read_text().splitlines()
     stale = [json.dumps({**json.loads(line), "loss": 99.0}) for line in lines[10:15]]
@@ -194,10 +228,22 @@ def m_curves(evaluated):
 def test_loss_series_per_epoch_means():
     rows = [{"step": s, "epoch": s / 4, "loss": float(s), "lr": 1e-3} for s in (2, 4, 6, 8, 9)]
     series = loss_series(rows)
-    assert series["epoch"] == [0, 1, 2]  # steps 1-4, 5-8, 9
+    assert series["epoch"] == [1, 2, 3]  # steps 1-4, 5-8, 9
     assert series["epoch_loss"] == [pytest.approx((2 * 2 + 4 * 2) / 4), pytest.approx((6 * 2 + 8 * 2) / 4), 9.0]
     assert series["buckets"] == {}
     assert all(math.isfinite(v) for v in series["loss_smooth"])
+    assert series["epoch_complete"] == [True, True, False] and series["epoch_step"] == [4, 8, 9]
+
+
+def test_loss_series_takes_the_logged_epoch_and_held_out_losses():
+    """The training job's epoch rows (whole-number epoch): its epoch_loss wins over the mean of the logged rows,
+    and test_loss is placed at its epoch and step."""
+    rows = [{"step": s, "epoch": s / 4, "loss": float(s)} for s in (2, 4, 6, 8)]
+    rows[1].update(epoch_loss=0.5, test_loss=0.7)
+    rows[3].update(epoch_loss=0.25, test_loss=0.6)
+    series = loss_series(rows)
+    assert series["epoch"] == [1, 2] and series["epoch_loss"] == [0.5, 0.25]
+    assert (series["test_epoch"], series["test_step"], series["test_loss"]) == ([1, 2], [4, 8], [0.7, 0.6])
 
 
 def test_options_checkpoint_convention_and_merge(run, evaluated, untrained_classifier):
@@ -237,9 +283,11 @@ def _fake_run(tmp_path, config_path, name, overrides, rows=5):
 
 
 def test_denoiser_run(tmp_path, config_path):
+    """As configs/recipes/cs180_denoiser.yaml: images in [0, 1] (data.normalize [0, 1]), so σ is on that scale."""
     run_dir = _fake_run(tmp_path, config_path, "den", ["model={arch: cs180_denoiser, hidden: 8}",
                                                        "diffusion.objective=denoiser", "diffusion.sigma=0.3",
-                                                       "sample.guidance=[1.0]", "train.ema_decay=0"])
+                                                       "sample.guidance=[1.0]", "train.ema_decay=0",
+                                                       "data.normalize=[0.0, 1.0]"])
     assert evaluate([str(run_dir), "--metric-samples", "16"]) == 0
     out = run_dir / "eval" / "step_000000005"
     m = json.loads((out / "metrics.json").read_text())
@@ -248,8 +296,15 @@ def test_denoiser_run(tmp_path, config_path):
     assert d["mse_noisy"][0] == 0 and d["mse_noisy"][-1] == pytest.approx(1.0, rel=0.2)
     figs = {f["file"]: f for f in _figures(m)}
     assert set(figs) == {"loss_curves.png", "denoiser_sigmas.png", "denoiser_ood.png"}
-    _check_grid(out, figs["denoiser_sigmas.png"], 8, 8)  # 4 digits x (noisy, denoised) rows, 8 sigmas
-    assert "## One-step denoiser" in (out / "report.md").read_text()
+    grid = _check_grid(out, figs["denoiser_sigmas.png"], 8, 8)  # 4 digits x (noisy, denoised) rows, 8 sigmas
+    from ddpm.data.datasets import load_dataset
+    test_images, _ = load_dataset("mnist", load_config(config_path).data.root, train=False)
+    for i in range(4):  # σ = 0: the test digit itself, read back from [0, 1] exactly
+        y = PAD + 2 * i * (CELL + PAD)
+        assert np.array_equal(grid[y:y + CELL, PAD:PAD + CELL], test_images[i, 0].numpy()), i
+    assert d["image_range"] == [0.0, 1.0] and d["mse_noisy"][1] == pytest.approx(0.04, rel=0.2)  # σ² on [0, 1]
+    report = (out / "report.md").read_text()
+    assert "## One-step denoiser" in report and "on the scale of the images the model sees, [0, 1]" in report
 
 
 def test_noisy_classifier_run(tmp_path, config_path):
@@ -280,7 +335,9 @@ def test_unconditional_and_flow_runs(tmp_path, config_path):
     assert m["sampler"] == {"name": "euler", "steps": 6, "note": None, "clip_x0": False, "eta": 0.0,
                             "fast_sampler": "euler", "fast_steps": 20}
     assert m["sections"]["gifs"]["frames"] == 7
-    assert [r["sampler"] for r in m["sections"]["steps"]["rows"]] == ["euler"] * 4 + ["heun"] * 4
+    rows = m["sections"]["steps"]["rows"]
+    assert [r["sampler"] for r in rows] == ["euler"] * 4 + ["heun"] * 4 + ["dpmpp_2m"] * 4
+    assert [r["evaluations"] for r in rows] == [10, 20, 50, 100] * 3  # equal cost per column (heun: 2 per step)
 
 
 def test_ddim_eta_is_carried_into_the_samples_and_every_record(tmp_path, config_path):

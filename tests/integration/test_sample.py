@@ -13,7 +13,7 @@ from PIL import Image
 from jobs.sample import main as sample
 from jobs.train import main as train
 
-from conftest import ROOT, TINY_MNIST, python_env
+from conftest import ROOT, python_env, write_tiny_config
 
 SAMPLE = [sys.executable, "-m", "jobs.sample"]
 FAST = ["--sampler", "ddim", "--steps", "5", "--guidance", "3"]
@@ -22,7 +22,7 @@ FAST = ["--sampler", "ddim", "--steps", "5", "--guidance", "3"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, mnist_root):
     d = tmp_path_factory.mktemp("sample")
-    (d / "tiny.yaml").write_text(TINY_MNIST.format(root=mnist_root))
+    write_tiny_config(d, mnist_root)
     assert train(["--config", str(d / "tiny.yaml"), "--run-dir", str(d / "run"), "train.steps=10"]) == 0
     return d / "run"
 
@@ -170,7 +170,7 @@ def test_srun_with_two_tasks_is_preempted_requeued_and_equals_one_process(slurm,
 @pytest.fixture(scope="module")
 def unconditional(tmp_path_factory, mnist_root):
     d = tmp_path_factory.mktemp("uncond")
-    (d / "tiny.yaml").write_text(TINY_MNIST.format(root=mnist_root))
+    write_tiny_config(d, mnist_root)
     assert train(["--config", str(d / "tiny.yaml"), "--run-dir", str(d / "run"), "train.steps=2",
                   "model={arch: cs180_time_unet, hidden: 8}", "diffusion.p_uncond=0.0", "sample.guidance=[1.0]"]) == 0
     return d / "run"

@@ -122,6 +122,34 @@ def test_retention_after_resuming_from_an_earlier_step(tmp_path):
     assert mgr.load_latest()[0] == 7
 
 
+def test_best_is_a_kept_checkpoint_named_by_its_own_pointer(tmp_path):
+    # Steps 3 and 6 were the best in turn; epochs end every 4 steps and keep= keeps them (the training's
+    # checkpoint.every_epochs). Retention never drops the step `best` names, and drops an old best.
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=1, keep=lambda s: s % 4 == 0)
+    for s in range(1, 11):
+        mgr.save(s, {"s": torch.tensor(s)}, best=s in (3, 6))
+    assert mgr.steps() == [4, 6, 8, 10] and mgr.best_step() == 6
+    assert (mgr.directory / checkpoint.BEST_FILE).read_text() == "step_000000006\n"
+    assert mgr.load("best")[0] == 6 and mgr.load_latest()[0] == 10  # `best` never decides what resumes
+    mgr.set_best(None)
+    assert mgr.best_step() is None and not (mgr.directory / checkpoint.BEST_FILE).exists()
+    mgr.save(11, {"s": torch.tensor(11)})
+    assert mgr.steps() == [4, 8, 11]  # 6 is no longer the best: retention lets it go
+    with pytest.raises(UserError, match="no best checkpoint in .*checkpoint.best=true"):
+        mgr.load("best")
+
+
+def test_a_best_pointer_naming_a_missing_or_garbled_dir_is_ignored_with_a_warning(tmp_path):
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    mgr.save(1, {"s": torch.tensor(1)}, best=True)
+    (mgr.directory / checkpoint.BEST_FILE).write_text("step_000000099\n")
+    with pytest.warns(UserWarning, match="names missing step_000000099; ignoring it"):
+        assert mgr.best_step() is None
+    (mgr.directory / checkpoint.BEST_FILE).write_text("\x00garbage")
+    with pytest.warns(UserWarning, match="garbled"):
+        assert mgr.best_step() is None
+
+
 @pytest.mark.parametrize("kw", [{"keep_last": 0}, {"keep_every": -1}])
 def test_bad_retention_settings_are_user_errors(tmp_path, kw):
     with pytest.raises(UserError, match="keep_"):

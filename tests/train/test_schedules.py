@@ -58,3 +58,25 @@ def test_ema_warmup_and_run_length_and_seeds():
     assert total_steps(load_config(CFG, ["train.steps=7"]), 100) == 7
     seeds = {mix_seed(0, 1, s) for s in range(1000)} | {mix_seed(1, 1, s) for s in range(1000)}
     assert len(seeds) == 2000 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+@pytest.mark.parametrize("n, batch, world", [(100, 10, 1), (100, 10, 2), (103, 12, 4), (97, 32, 1), (64, 64, 2)])
+def test_epoch_schedules_name_the_steps_where_the_batcher_starts_a_new_epoch(n, batch, world):
+    """Epoch e ends after step e x steps_per_epoch for any batch and world size: the steps before it, over all
+    ranks, used each image at most once, and the next step begins the next epoch's permutation."""
+    from ddpm.data.batcher import StepBatcher
+    from ddpm.train.schedules import EpochSchedule
+
+    images, ids = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
+    ranks = [StepBatcher(images, ids, batch, world, r, seed=3) for r in range(world)]
+    spe = ranks[0].steps_per_epoch
+    assert spe == n // batch  # global batches: the same for every world size
+    sched = EpochSchedule(load_config(CFG, ["log.sample_every_epochs=[1, every 3]"]).log.sample_every_epochs, spe)
+    ends = sched.steps(7 * spe + 1)
+    assert ends == [spe, 3 * spe, 6 * spe] and [s for s in range(1, 7 * spe + 2) if sched.due(s)] == ends
+    for end in ends:
+        seen = torch.cat([b.batch(s)[1] for s in range(end - spe, end) for b in ranks])
+        assert len(seen) == spe * batch and len(set(seen.tolist())) == len(seen)  # one pass, no repeats
+        assert ranks[0].epoch_of(end) == end // spe  # exactly whole epochs
+    assert not sched.due(0) and not sched.due(spe + 1)
+    assert EpochSchedule([2, 9], spe).beyond(5 * spe) == [9] and not EpochSchedule([], spe)
