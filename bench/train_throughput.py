@@ -73,12 +73,12 @@ def run_trainer(config, overrides, device, sz, images=None, labels=None) -> dict
     every, steps = sz["every"], sz["every"] * (1 + sz["intervals"])
     cfg = load_config(ROOT / "configs" / config, [
         *overrides, f"train.steps={steps}", f"log.every={every}", "log.tensorboard=false", "log.progress=none",
-        "log.sample_every=0", f"checkpoint.every={10 ** 9}", f"train.device={device.type}"])
+        "log.sample_every=0", "log.test_every_epochs=[]", f"checkpoint.every={10 ** 9}", f"train.device={device.type}"])
     common.reset_peak_memory(device)
     with common.cold_compile(device), tempfile.TemporaryDirectory() as tmp, redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg, Path(tmp), DistInfo(0, 1, 0, device, None), images=images, labels=labels)
         trainer.save = lambda: None  # measure training steps, not checkpoint I/O
-        trainer.write_samples = lambda logger: None  # nor the end-of-run sample grid
+        trainer.write_samples = lambda logger: None  # nor the end-of-run sample grid (nor, above, the held-out loss)
         trainer.run()
         ips = [row["images_per_s"] for row in read_metrics(Path(tmp) / "metrics.jsonl")]
     batch = cfg.train.batch_size

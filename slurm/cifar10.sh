@@ -4,7 +4,7 @@
 # saves a checkpoint, requeues itself and resumes, until the run is done.
 #   mkdir -p logs && sbatch slurm/cifar10.sh
 #   sbatch slurm/cifar10.sh train.lr=1e-4                           # config overrides pass through
-#   sbatch --nodes=2 slurm/cifar10.sh                               # 8 GPUs: global batch 128, 16 per GPU
+#   sbatch --nodes=2 slurm/cifar10.sh                               # 8 GPUs: global batch 512, 64 per GPU
 #   jid=$(sbatch --parsable slurm/cifar10.sh) && sbatch --dependency=afterok:$jid slurm/evaluate.sh runs/cifar10-$jid
 # Run dir: runs/<job name>-<job id> (relative to where you ran sbatch); log: logs/<job name>-<job id>.out.
 #SBATCH --job-name=cifar10

@@ -14,10 +14,12 @@ COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU")
            "sampling": ("s/batch", "images/s", "vs baseline", "peak memory", "MFU"),
            "mnist_end_to_end": ("wall s", "images/s", "speed-up", "peak memory", "accuracy γ=5", "feature-FID γ=5"),
            "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5"),
-           "cifar_quality": ("w", "n", "label accuracy", "feature-FID", "FID vs untrained"),
+           "cifar_quality": ("budget CPU min", "steps x batch", "CPU s at ckpt", "w", "n", "label accuracy", "feature-FID",
+                             "vs DDPM", "accuracy (judge 2)", "feature-FID (judge 2)"),
            "sample_job": ("processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)")}
 
-ROWS = {"quality": ("| recipe", "| quickstart"), "cifar_quality": ("| training images", "| trained", "| untrained")}
+ROWS = {"quality": ("| recipe", "| quickstart", "| quickstart re-drawn by jobs.evaluate"),
+        "cifar_quality": ("| training images", "| ddpm:", "| diffusers:", "| ours:")}
 STREAMED = {"train_throughput": "training throughput", "sampling": "sampling speed",
             "mnist_end_to_end": "MNIST end to end"}  # bench → the title of its streamed table
 
@@ -61,6 +63,14 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         for step in steps:
             assert (tmp_path / "quality" / run / "eval" / f"step_{step:09d}" / "samples_gamma_5.png").is_file()
     assert (tmp_path / "quality" / "quickstart" / "samples" / "step_000000004_gamma_5.png").is_file()
+    # The sampler table on one of those checkpoints: every row evaluated, scored by two judges.
+    r = subprocess.run([sys.executable, "-m", "bench.sampler_table", str(tmp_path / "quality" / "ours"), "--guidance", "5",
+                        "--convention", "gamma", "--samples", "10", "--seeds", "0", "--rows", "dpmpp_2m:3,ddim:3",
+                        "--classifier", str(untrained_classifier), "--judge", str(untrained_classifier),
+                        "--keep", str(tmp_path / "table")], cwd=ROOT, env=python_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| dpmpp_2m | 3     | 3   | 0" in r.stdout and "| ddim     | 3     | 3   | 0" in r.stdout, r.stdout
 
 
 def test_end_to_end_refuses_bad_input(mnist_root, tmp_path):
@@ -107,13 +117,26 @@ def test_sample_job_bench_runs_on_cpu_quick(mnist_root):
     assert "outputs of the two rows: identical" in r.stdout and "| ours: torchrun x 2" in r.stdout
 
 
-@pytest.mark.slow  # 40 s of CPU for a classifier, two trainings and two evaluations; their parts: test_cifar.py
+@pytest.mark.slow  # 2 minutes of CPU: two classifiers, three probes, four trainings, eight evaluations
 def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench.cifar_quality", "--device", "cpu", "--quick", "--data-root",
-                        str(cifar_subset), "--keep", str(tmp_path / "cifar")], cwd=ROOT, env=python_env(),
-                       capture_output=True, text=True, timeout=600)
+    work = tmp_path / "cifar"
+    cmd = [sys.executable, "-m", "bench.cifar_quality", "--quick", "--seeds", "0", "--data-root", str(cifar_subset)]
+    r = subprocess.run([*cmd, "--keep", str(work)], cwd=ROOT, env=python_env(), capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     header = next(line for line in r.stdout.splitlines() if line.startswith("| "))
     assert all(column in header for column in COLUMNS["cifar_quality"]), header
     assert all(row in r.stdout for row in ROWS["cifar_quality"]) and "FAILED" not in r.stdout
-    assert (tmp_path / "cifar" / "guidance_grid.png").is_file() and (tmp_path / "cifar" / "results.json").is_file()
+    assert "ours wins" in r.stdout
+    for recipe in ("ddpm", "diffusers", "ours"):
+        for budget in ("0.05", "0.1"):
+            assert (work / "pictures" / f"{recipe}-{budget}min-seed0.png").is_file()
+    # Nested recipes train once with a checkpoint per budget; diffusers' cosine decay once per budget.
+    assert sorted(p.name for p in (work / "runs").iterdir()) == [
+        "ddpm-seed0-0.05-0.1", "diffusers-seed0-0.05", "diffusers-seed0-0.1", "ours-seed0-0.05-0.1"]
+    # --reuse finds everything done: no training, no evaluation (no new log), the same table.
+    logs = sorted(p.name for p in (work / "logs").iterdir())
+    again = subprocess.run([*cmd, "--reuse", str(work)], cwd=ROOT, env=python_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "| ours:" in again.stdout, again.stdout + again.stderr
+    assert sorted(p.name for p in (work / "logs").iterdir()) == logs

@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import assert_same_weights, final_weights, start, wait_for_step
 
 from ddpm.data.datasets import DATASETS
 from ddpm.run.metrics_log import read_metrics
@@ -18,7 +17,7 @@ from jobs.evaluate import main as evaluate
 from jobs.train import main as train
 from jobs.train_classifier import main as train_classifier
 
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights, latest_state, start_train, train_reference, wait_for_step
 
 CLASS_NAMES = list(DATASETS["cifar10"]["class_names"])
 # configs/cifar10.yaml at a CPU-sized width: 2 levels of 16/32 channels (attention at 16x16 kept).
@@ -73,18 +72,16 @@ def config(cifar_subset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory):
     """An uninterrupted 40-step run of the shipped CIFAR config at a small width, in a subprocess."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    proc = start(config, run, *SMALL_UNET, *SHORT)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    return run
+    return train_reference(config, tmp_path_factory.mktemp("ref") / "run", *SMALL_UNET, *SHORT, timeout=600)
 
 
 def test_the_shipped_config_learns_on_real_cifar(reference):
     losses = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
     assert len(losses) == 40
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
-    assert last < 0.6 * first, (first, last)  # eps-prediction MSE falls fast from ~1 on real photos
+    # EDM's weighted loss starts at 1 (zero-initialised output: the unit-variance target itself) and falls
+    # more slowly than an eps MSE, whose low-noise half is nearly free (measured: 0.93 -> 0.74 in 40 steps).
+    assert last < 0.85 * first, (first, last)
     with h5py.File(reference / "samples.h5", "r") as f:
         images = f["train/step_000000040/w_3"]["images"][:]
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
@@ -94,17 +91,17 @@ def test_the_shipped_config_learns_on_real_cifar(reference):
 
 def test_kill9_with_flips_resumes_bit_exact(config, reference, tmp_path):
     run = tmp_path / "run"
-    proc = start(config, run, *SMALL_UNET, *SHORT)
+    proc = start_train(config, run, *SMALL_UNET, *SHORT)
     wait_for_step(run, 14, proc, timeout=300)  # past the checkpoint at 10, mid-way to 20
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert "resuming at step" in resume_in_subprocess_with(config, run)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 41))
-    assert_same_weights(final_weights(run), final_weights(reference))
+    assert_same_weights(latest_state(run), latest_state(reference))
 
 
 def resume_in_subprocess_with(config, run):
-    proc = start(config, run, *SMALL_UNET, *SHORT)
+    proc = start_train(config, run, *SMALL_UNET, *SHORT)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     return out
@@ -114,7 +111,7 @@ def test_the_lab_recipe_trains_on_real_cifar(cifar_subset, tmp_path):
     run = tmp_path / "bonn"
     args = ["--config", str(ROOT / "configs" / "recipes" / "bonn_cifar10.yaml"), "--run-dir", str(run),
             f"data.root={cifar_subset}", "model.channels=8", "train.epochs=null", "train.steps=80",
-            "train.batch_size=32", "log.every=1", "sample.steps=5", "sample.per_class=1", "log.progress=lines"]
+            "train.batch_size=32", "log.every=1", "sample.sampler=ddim", "sample.steps=5", "sample.per_class=1", "log.progress=lines"]
     assert train(args) == 0
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     assert np.mean(losses[-6:]) < 0.6 * np.mean(losses[:6])
