@@ -1,7 +1,7 @@
 """CIFAR-10 quality per compute: the DDPM paper's recipe, diffusers' example recipe and ours, at equal CPU budgets.
 
     python -m bench.cifar_quality [--budgets 10,20,40] [--seeds 0,1] [--recipes ddpm,diffusers,ours] [--ablations]
-                                  [--samples 500] [--nfe 25] [--per-class 8] [--keep DIR | --reuse DIR] [--quick]
+                                  [--samples 500] [--score-at MIN,MIN] [--nfe 25] [--per-class 8] [--keep DIR | --reuse DIR] [--quick]
                                   [--data-root DIR]
 
 Every row trains on the real CIFAR-10 subset (../shared/data/cifar10) with the same small net (SMALL: the
@@ -148,6 +148,7 @@ def train(args, name: str, recipe: Recipe, seed: int, budgets: list[float]) -> d
 
 def evaluate(args, key: str, ckpt: dict, seed: int) -> dict:
     """The evaluation job's rows {w: row} for one checkpoint, classifier 2's scores added; the grid kept."""
+    key = f"{key}-n{args.samples}-nfe{args.nfe}"
     out = args.work / "results" / f"eval-{key}.json"
     if done(out):
         return {float(k): v for k, v in done(out).items()}
@@ -256,6 +257,8 @@ def parse_args():
     p.add_argument("--samples", type=int, metavar="N", help="samples per guidance scale (default: 500; --quick 20)")
     p.add_argument("--per-class", type=int, default=8, metavar="K",
                    help="images per class and scale in each row's picture (default: 8)")
+    p.add_argument("--score-at", metavar="MIN,MIN", help="score only these budgets (default: all): e.g. --samples 500 "
+                   "at the largest budget, the rest scored by an earlier --samples 100 run")
     p.add_argument("--nfe", type=int, metavar="N", help="DPM-Solver++ evaluations per sample (default: 25; --quick 3)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR (new) and keep it")
     p.add_argument("--reuse", metavar="DIR", help="go on in the DIR of an earlier --keep (done work is skipped)")
@@ -263,8 +266,11 @@ def parse_args():
     try:
         args.budgets = sorted(float(b) for b in (args.budgets or ("0.05,0.1" if args.quick else "10,20,40")).split(","))
         args.seeds = [int(s) for s in args.seeds.split(",")]
+        args.score_at = [float(b) for b in args.score_at.split(",")] if args.score_at else None
     except ValueError:
-        p.error("--budgets and --seeds take comma-separated numbers, e.g. --budgets 10,20,40 --seeds 0,1")
+        p.error("--budgets, --seeds and --score-at take comma-separated numbers, e.g. --budgets 10,20,40 --seeds 0,1")
+    if args.score_at and not set(args.score_at) <= set(args.budgets):
+        p.error(f"--score-at takes some of the --budgets ({','.join(f'{b:g}' for b in args.budgets)})")
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if args.ablations:
         args.recipes += [r for r, rec in RECIPES.items() if rec.ablation and r not in args.recipes]
@@ -314,6 +320,8 @@ def main() -> int:
                     groups = [budgets] if recipe.nested else [[b] for b in budgets]
                     for group in groups:
                         for budget, ckpt in train(args, name, recipe, seed, group).items():
+                            if args.score_at and budget not in args.score_at:
+                                continue
                             key = f"{name}-{budget:g}min-seed{seed}"
                             results[(name, budget, seed)] = (ckpt, evaluate(args, key, ckpt, seed))
                             print(f"  done: {key}", flush=True)

@@ -130,7 +130,7 @@ def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
     assert "ours wins" in r.stdout
     for recipe in ("ddpm", "diffusers", "ours"):
         for budget in ("0.05", "0.1"):
-            assert (work / "pictures" / f"{recipe}-{budget}min-seed0.png").is_file()
+            assert (work / "pictures" / f"{recipe}-{budget}min-seed0-n20-nfe3.png").is_file()
     # Nested recipes train once with a checkpoint per budget; diffusers' cosine decay once per budget.
     assert sorted(p.name for p in (work / "runs").iterdir()) == [
         "ddpm-seed0-0.05-0.1", "diffusers-seed0-0.05", "diffusers-seed0-0.1", "ours-seed0-0.05-0.1"]
@@ -140,3 +140,12 @@ def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
                            timeout=300)
     assert again.returncode == 0 and "| ours:" in again.stdout, again.stdout + again.stderr
     assert sorted(p.name for p in (work / "logs").iterdir()) == logs
+    # --score-at scores only the named budget, with its own sample count, from the kept runs (no training).
+    more = subprocess.run([*cmd, "--reuse", str(work), "--score-at", "0.1", "--samples", "30", "--per-class", "3",
+                           "--recipes", "ours"],
+                          cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stdout + more.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in more.stdout.splitlines() if line.startswith("| ours:")]
+    assert rows and all(r[1] == "0.1" and r[6] == "30" for r in rows), more.stdout
+    new = sorted(set(p.name for p in (work / "logs").iterdir()) - set(logs))
+    assert new == ["eval-ours-0.1min-seed0-n30-nfe3.log"], new
