@@ -1,8 +1,8 @@
 """CIFAR-10 quality per compute: the DDPM paper's recipe, diffusers' example recipe and ours, at equal CPU budgets.
 
     python -m bench.cifar_quality [--budgets 10,20,40] [--seeds 0,1] [--recipes ddpm,diffusers,ours] [--ablations]
-                                  [--samples 500] [--score-at MIN,MIN] [--nfe 25] [--per-class 8] [--keep DIR | --reuse DIR] [--quick]
-                                  [--data-root DIR]
+                                  [--samples 500] [--score-at MIN,MIN] [--nfe 25] [--per-class 8]
+                                  [--keep DIR | --reuse DIR] [--quick] [--data-root DIR]
 
 Every row trains on the real CIFAR-10 subset (../shared/data/cifar10) with the same small net (SMALL: the
 cifar_unet at base 32, levels 32/64/64, one residual block per level, attention at 16x16: the width of
@@ -148,7 +148,6 @@ def train(args, name: str, recipe: Recipe, seed: int, budgets: list[float]) -> d
 
 def evaluate(args, key: str, ckpt: dict, seed: int) -> dict:
     """The evaluation job's rows {w: row} for one checkpoint, classifier 2's scores added; the grid kept."""
-    key = f"{key}-n{args.samples}-nfe{args.nfe}"
     out = args.work / "results" / f"eval-{key}.json"
     if done(out):
         return {float(k): v for k, v in done(out).items()}
@@ -322,7 +321,7 @@ def main() -> int:
                         for budget, ckpt in train(args, name, recipe, seed, group).items():
                             if args.score_at and budget not in args.score_at:
                                 continue
-                            key = f"{name}-{budget:g}min-seed{seed}"
+                            key = f"{name}-{budget:g}min-seed{seed}-n{args.samples}-nfe{args.nfe}"
                             results[(name, budget, seed)] = (ckpt, evaluate(args, key, ckpt, seed))
                             print(f"  done: {key}", flush=True)
                 except Exception as e:  # one broken recipe must not hide the others
