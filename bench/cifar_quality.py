@@ -17,8 +17,8 @@ budgets in CPU minutes from a probe of each recipe, the CPU time actually spent 
 - ours: ``configs/cifar10.yaml`` exactly as a user runs it on a CPU (its on_cpu section).
 A recipe whose schedules do not depend on the run length (constant learning rate after warm-up: ddpm, ours)
 trains once per seed with a kept checkpoint at every budget; diffusers' cosine decay is set by the run
-length, so it trains once per budget. --ablations adds the steps from ddpm to ours (LADDER), at the middle
-budget and the first seed.
+length, so it trains once per budget. --ablations adds the steps from ddpm to ours (LADDER) and ours with each of
+EDM's three parts taken out (bench/edm_parts.py), at the middle budget and the first seed.
 
 Every checkpoint is scored by the same command: ``python -m jobs.evaluate RUN --checkpoint STEP --only
 grids,metrics --guidance 0,1,3 --convention w --sampler dpmpp_2m --steps 25 --metric-samples N --seed SEED``
@@ -44,7 +44,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python bench/cifar_quality.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common, cpu_budget, scoring
+from bench import common, cpu_budget, edm_parts, scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.base=32", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1", "model.attn_resolutions=[16]"]
@@ -63,7 +63,8 @@ class Recipe:
     config: Path
     overrides: list = field(default_factory=list)
     nested: bool = True          # its schedules ignore the run length: one run, a checkpoint per budget
-    ablation: bool = False       # a LADDER step: middle budget, first seed
+    ablation: bool = False       # a LADDER step or an EDM part: middle budget, first seed
+    entry: tuple = ()            # ("bench.edm_parts",): its jobs run with bench/edm_parts.py's objectives registered
 
 
 RECIPES = {
@@ -79,10 +80,15 @@ LADDER = [
 ]
 for i, (name, label, extra) in enumerate(LADDER):
     RECIPES[f"ddpm{name}"] = Recipe(label, PAPER, SMALL + [o for _, _, e in LADDER[:i + 1] for o in e], ablation=True)
+# Ours with one of EDM's three parts put back as the DDPM paper has it (bench/edm_parts.py).
+edm_parts.register()
+for name, what in edm_parts.PARTS.items():
+    RECIPES[name] = Recipe(f"ours with {what}", OURS, [f"diffusion.objective={name}"], ablation=True,
+                           entry=("bench.edm_parts",))
 
 
 def train_cmd(args, recipe: Recipe, run_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "jobs.train", "--config", str(recipe.config), f"data.root={args.data_root}",
+    return [sys.executable, "-m", *recipe.entry, "jobs.train", "--config", str(recipe.config), f"data.root={args.data_root}",
             "train.device=cpu", "log.progress=lines", "log.tensorboard=false", *recipe.overrides,
             *(QUICK if args.quick else []), "sample.per_class=1", "sample.steps=3", *extra, "--run-dir", str(run_dir)]
 
@@ -146,13 +152,13 @@ def train(args, name: str, recipe: Recipe, seed: int, budgets: list[float]) -> d
     return rows
 
 
-def evaluate(args, key: str, ckpt: dict, seed: int) -> dict:
+def evaluate(args, key: str, ckpt: dict, seed: int, recipe: Recipe) -> dict:
     """The evaluation job's rows {w: row} for one checkpoint, classifier 2's scores added; the grid kept."""
     out = args.work / "results" / f"eval-{key}.json"
     if done(out):
         return {float(k): v for k, v in done(out).items()}
     run_dir, step = Path(ckpt["run_dir"]), ckpt["step"]
-    cpu_budget.Watched([sys.executable, "-m", "jobs.evaluate", str(run_dir), "--checkpoint", str(step), "--only",
+    cpu_budget.Watched([sys.executable, "-m", *recipe.entry, "jobs.evaluate", str(run_dir), "--checkpoint", str(step), "--only",
                         "grids,metrics", "--guidance", ",".join(f"{g:g}" for g in GUIDANCE), "--convention", "w",
                         "--sampler", "dpmpp_2m", "--steps", str(args.nfe), "--metric-samples", str(args.samples),
                         "--per-class", str(args.per_class), "--seed", str(seed), "--device", "cpu", "--classifier",
@@ -252,7 +258,8 @@ def parse_args():
     p.add_argument("--budgets", metavar="MIN,MIN", help="CPU minutes per run, one thread (default 10,20,40; --quick 0.05,0.1)")
     p.add_argument("--seeds", default="0,1", metavar="S,S", help="training and sampling seeds (default: 0,1)")
     p.add_argument("--recipes", default="ddpm,diffusers,ours", metavar="R,R", help=f"of: {', '.join(RECIPES)}")
-    p.add_argument("--ablations", action="store_true", help="add the LADDER recipes (middle budget, first seed)")
+    p.add_argument("--ablations", action="store_true",
+                   help="add the LADDER recipes and the EDM parts (middle budget, first seed)")
     p.add_argument("--samples", type=int, metavar="N", help="samples per guidance scale (default: 500; --quick 20)")
     p.add_argument("--per-class", type=int, default=8, metavar="K",
                    help="images per class and scale in each row's picture (default: 8)")
@@ -322,7 +329,7 @@ def main() -> int:
                             if args.score_at and budget not in args.score_at:
                                 continue
                             key = f"{name}-{budget:g}min-seed{seed}-n{args.samples}-nfe{args.nfe}"
-                            results[(name, budget, seed)] = (ckpt, evaluate(args, key, ckpt, seed))
+                            results[(name, budget, seed)] = (ckpt, evaluate(args, key, ckpt, seed, recipe))
                             print(f"  done: {key}", flush=True)
                 except Exception as e:  # one broken recipe must not hide the others
                     failed = True

@@ -1,5 +1,6 @@
 """Smoke test of the benchmarks: every script runs end to end on the CPU at --quick sizes (no timing checks), and
 streams each row of its table into $DDPM_BENCH_RESULTS the moment it is measured."""
+import json
 import subprocess
 import sys
 
@@ -149,3 +150,82 @@ def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
     assert rows and all(r[1] == "0.1" and r[6] == "30" for r in rows), more.stdout
     new = sorted(set(p.name for p in (work / "logs").iterdir()) - set(logs))
     assert new == ["eval-ours-0.1min-seed0-n30-nfe3.log"], new
+
+
+# ------------------------------------------------------------------------ bench/edm_parts.py: EDM, one part out
+@pytest.fixture
+def edm_parts():
+    """bench/edm_parts.py's objectives, registered for one test and taken out of the choices after it."""
+    from bench import edm_parts
+    from ddpm.diffusion.objectives import OBJECTIVES
+    before = list(OBJECTIVES)
+    edm_parts.register()
+    edm_parts.register()  # idempotent
+    yield OBJECTIVES
+    for name in list(OBJECTIVES):
+        if name not in before:
+            del OBJECTIVES[name]
+
+
+def _sigma_of(obj, net_time):
+    import math
+    lo, hi = math.log(obj.SIGMA_MIN), math.log(obj.SIGMA_MAX)
+    return (lo + net_time * (hi - lo)).exp()
+
+
+def test_edm_parts_each_put_back_one_part_of_the_ddpm_paper(edm_parts):
+    from ddpm.diffusion.schedule import NoiseSchedule
+    assert [n for n in edm_parts if n.startswith("edm-")] == ["edm-vp-sigma", "edm-unweighted", "edm-eps"]
+    gen = torch.Generator().manual_seed(0)
+    # The noise levels: exactly the DDPM paper's sigma_t of uniform t, in four equal quartiles.
+    vp = edm_parts["edm-vp-sigma"](num_classes=10)
+    abar = NoiseSchedule.make("linear", 1000).alpha_bars.double()
+    table = ((1 - abar) / abar).sqrt().float()
+    s = vp.draw(gen, 8000, "cpu")
+    assert torch.isin(s, table).all() and s.min() >= table[0] and s.max() <= table[-1]
+    counts = torch.bincount(vp.bucket(s), minlength=4)
+    assert counts.sum() == 8000 and (counts - 2000).abs().max() < 200, counts
+    # The weighting: EDM's per-sample loss times (c_out / sigma_data)^2, the same net and draws.
+    edm, flat = edm_parts["edm"](num_classes=10), edm_parts["edm-unweighted"](num_classes=10)
+    net = lambda x, t, y: 0.3 * x + t.reshape(-1, 1, 1, 1)  # noqa: E731 - any fixed function of the inputs
+    x0, noise = torch.randn(6, 3, 4, 4, generator=gen), torch.randn(6, 3, 4, 4, generator=gen)
+    y, drop, sigma = torch.arange(6), torch.zeros(6, dtype=torch.bool), edm.draw(gen, 6, "cpu")
+    _, c_out, _ = edm.coefficients(sigma, 4)
+    torch.testing.assert_close(flat.loss(net, x0, y, noise, sigma, drop),
+                               edm.loss(net, x0, y, noise, sigma, drop) * (c_out.flatten() / 0.5) ** 2)
+
+
+def test_edm_eps_is_exact_for_the_ideal_noise_predictor_of_gaussian_data(edm_parts):
+    """x0 ~ N(0, sd^2) per pixel, x = x0 + sigma n: E[n | x] = sigma x / (sd^2 + sigma^2), whose eps loss is
+    Var(n | x) = sd^2 / (sd^2 + sigma^2), and the denoiser hands the samplers that same eps."""
+    obj, sd = edm_parts["edm-eps"](num_classes=0), 0.5
+    gen = torch.Generator().manual_seed(1)
+
+    def ideal(x_in, net_time, y):  # the net sees c_in x = x / sqrt(sigma^2 + sd^2) and c_noise
+        sigma = _sigma_of(obj, net_time.double()).reshape(-1, 1, 1, 1)
+        return (sigma * x_in.double() / (sigma ** 2 + sd ** 2).sqrt()).float()
+
+    sigma = torch.tensor([0.05, 0.5, 2.0, 20.0])
+    x0, noise = sd * torch.randn(4, 1, 64, 64, generator=gen), torch.randn(4, 1, 64, 64, generator=gen)
+    loss = obj.loss(ideal, x0, None, noise, sigma, torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(loss, sd ** 2 / (sd ** 2 + sigma ** 2), rtol=0.05, atol=0)
+    x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+    torch.testing.assert_close(obj.denoiser(ideal)(x, sigma, None),
+                               sigma.reshape(-1, 1, 1, 1) * x / (sd ** 2 + sigma.reshape(-1, 1, 1, 1) ** 2),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_edm_parts_train_through_the_jobs(cifar_subset, tmp_path):
+    """`python -m bench.edm_parts jobs.train ...` trains with a part's objective; without a module it says how."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bench.edm_parts", "jobs.train", "--config", "configs/cifar10.yaml",
+           f"data.root={cifar_subset}", "train.device=cpu", "log.tensorboard=false", "model.base=16",
+           "model.num_groups=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "train.batch_size=8",
+           "train.steps=2", "sample.per_class=1", "sample.steps=2", "diffusion.objective=edm-eps",
+           "--run-dir", str(run)]
+    r = subprocess.run(cmd, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((run / "config.json").read_text())["diffusion"]["objective"] == "edm-eps"
+    bare = subprocess.run([sys.executable, "-m", "bench.edm_parts"], cwd=ROOT, env=python_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and "usage: python -m bench.edm_parts MODULE" in bare.stderr
