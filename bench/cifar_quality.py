@@ -65,6 +65,8 @@ class Recipe:
     nested: bool = True          # its schedules ignore the run length: one run, a checkpoint per budget
     ablation: bool = False       # a LADDER step or an EDM part: middle budget, first seed
     entry: tuple = ()            # ("bench.edm_parts",): its jobs run with bench/edm_parts.py's objectives registered
+    probe_as: str = ""           # the recipe whose probe it shares (the same net, batch and dropout: the same cost per
+                                 # step), so that rows compared at one budget train the same number of steps
 
 
 RECIPES = {
@@ -79,12 +81,13 @@ LADDER = [
     ("+drop0", "+ dropout 0", ["model.dropout=0.0"]),
 ]
 for i, (name, label, extra) in enumerate(LADDER):
-    RECIPES[f"ddpm{name}"] = Recipe(label, PAPER, SMALL + [o for _, _, e in LADDER[:i + 1] for o in e], ablation=True)
+    RECIPES[f"ddpm{name}"] = Recipe(label, PAPER, SMALL + [o for _, _, e in LADDER[:i + 1] for o in e], ablation=True,
+                                    probe_as="ours" if i == len(LADDER) - 1 else "")
 # Ours with one of EDM's three parts put back as the DDPM paper has it (bench/edm_parts.py).
 edm_parts.register()
 for name, what in edm_parts.PARTS.items():
     RECIPES[name] = Recipe(f"ours with {what}", OURS, [f"diffusion.objective={name}"], ablation=True,
-                           entry=("bench.edm_parts",))
+                           entry=("bench.edm_parts",), probe_as="ours")
 
 
 def train_cmd(args, recipe: Recipe, run_dir: Path, extra: list[str]) -> list[str]:
@@ -132,7 +135,7 @@ def train(args, name: str, recipe: Recipe, seed: int, budgets: list[float]) -> d
     out = args.work / "results" / f"train-{name}-seed{seed}-{'-'.join(f'{b:g}' for b in budgets)}.json"
     if done(out):
         return {float(k): v for k, v in done(out).items()}
-    per_step = probe(args, name, recipe)["cpu_s_per_step"]
+    per_step = probe(args, recipe.probe_as or name, RECIPES.get(recipe.probe_as, recipe))["cpu_s_per_step"]
     steps = {b: max(1, round(60 * b / per_step)) for b in budgets}
     if recipe.nested:  # one checkpoint per budget: the budgets are multiples of the first
         first = steps[budgets[0]]

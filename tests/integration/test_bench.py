@@ -150,6 +150,15 @@ def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
     assert rows and all(r[1] == "0.1" and r[6] == "30" for r in rows), more.stdout
     new = sorted(set(p.name for p in (work / "logs").iterdir()) - set(logs))
     assert new == ["eval-ours-0.1min-seed0-n30-nfe3.log"], new
+    # An EDM part trains and is scored through bench/edm_parts.py, on ours' probe: the same steps as ours.
+    part = subprocess.run([*cmd, "--reuse", str(work), "--recipes", "edm-eps"], cwd=ROOT, env=python_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert part.returncode == 0 and "| edm-eps:" in part.stdout and "FAILED" not in part.stdout, part.stdout + part.stderr
+    assert not (work / "results" / "probe-edm-eps.json").exists()
+    steps = {name: json.loads((work / "results" / f"train-{name}.json").read_text())["0.1"]["step"]
+             for name in ("ours-seed0-0.05-0.1", "edm-eps-seed0-0.1")}
+    assert abs(steps["ours-seed0-0.05-0.1"] - steps["edm-eps-seed0-0.1"]) <= 1, steps
+    assert (work / "pictures" / "edm-eps-0.1min-seed0-n20-nfe3.png").is_file()
 
 
 # ------------------------------------------------------------------------ bench/edm_parts.py: EDM, one part out
