@@ -91,9 +91,10 @@ for name, what in edm_parts.PARTS.items():
 
 
 def train_cmd(args, recipe: Recipe, run_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", *recipe.entry, "jobs.train", "--config", str(recipe.config), f"data.root={args.data_root}",
-            "train.device=cpu", "log.progress=lines", "log.tensorboard=false", *recipe.overrides,
-            *(QUICK if args.quick else []), "sample.per_class=1", "sample.steps=3", *extra, "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", *recipe.entry, "jobs.train", "--config", str(recipe.config),
+            f"data.root={args.data_root}", "train.device=cpu", "log.progress=lines", "log.tensorboard=false",
+            *recipe.overrides, *(QUICK if args.quick else []), "sample.per_class=1", "sample.steps=3", *extra,
+            "--run-dir", str(run_dir)]
 
 
 def done(path: Path):
@@ -161,11 +162,12 @@ def evaluate(args, key: str, ckpt: dict, seed: int, recipe: Recipe) -> dict:
     if done(out):
         return {float(k): v for k, v in done(out).items()}
     run_dir, step = Path(ckpt["run_dir"]), ckpt["step"]
-    cpu_budget.Watched([sys.executable, "-m", *recipe.entry, "jobs.evaluate", str(run_dir), "--checkpoint", str(step), "--only",
-                        "grids,metrics", "--guidance", ",".join(f"{g:g}" for g in GUIDANCE), "--convention", "w",
-                        "--sampler", "dpmpp_2m", "--steps", str(args.nfe), "--metric-samples", str(args.samples),
-                        "--per-class", str(args.per_class), "--seed", str(seed), "--device", "cpu", "--classifier",
-                        str(args.classifiers[0])], args.work / "logs" / f"eval-{key}.log")
+    cpu_budget.Watched([sys.executable, "-m", *recipe.entry, "jobs.evaluate", str(run_dir), "--checkpoint", str(step),
+                        "--only", "grids,metrics", "--guidance", ",".join(f"{g:g}" for g in GUIDANCE),
+                        "--convention", "w", "--sampler", "dpmpp_2m", "--steps", str(args.nfe),
+                        "--metric-samples", str(args.samples), "--per-class", str(args.per_class), "--seed", str(seed),
+                        "--device", "cpu", "--classifier", str(args.classifiers[0])],
+                       args.work / "logs" / f"eval-{key}.log")
     ev = run_dir / "eval" / f"step_{step:09d}"
     m = json.loads((ev / "metrics.json").read_text())
     rows = {}
@@ -251,9 +253,9 @@ def report(args, results: dict) -> None:
     if wins:
         print("Ours against the best baseline row (every seed): ours' worst seed vs the baselines' best seed; "
               "'beyond spread': both margins larger than the largest seed-to-seed spread of any recipe")
-        common.print_markdown(["budget CPU min", "w", "judge", "ours worst acc", "best baseline acc", "largest seed spread acc",
-                               "ours worst fFID", "best baseline fFID", "largest seed spread fFID", "ours wins",
-                               "beyond spread"], wins)
+        common.print_markdown(["budget CPU min", "w", "judge", "ours worst acc", "best baseline acc",
+                               "largest seed spread acc", "ours worst fFID", "best baseline fFID",
+                               "largest seed spread fFID", "ours wins", "beyond spread"], wins)
 
 
 def parse_args():

@@ -1,4 +1,4 @@
-"""EDM's objective with one of its three parts taken out, to measure each part (bench/cifar_quality.py --edm-parts).
+"""EDM's objective with one of its three parts taken out, to measure each (bench/cifar_quality.py --ablations).
 
 Karras et al. 2022 change three things at once against the DDPM paper's objective (Table 1), and
 ``diffusion.objective=edm`` (:class:`ddpm.diffusion.objectives.EDMPreconditioned`) trains all three. Each
@@ -33,7 +33,8 @@ PARTS = {  # objective name -> what it puts back
 
 
 class EDMWithVPSigmas(EDMPreconditioned):
-    """EDM with the DDPM paper's noise levels: t uniform on the linear T = 1000 schedule, sigma_t = sqrt((1 - abar) / abar)."""
+    """EDM with the DDPM paper's noise levels: t uniform on the linear T = 1000 schedule,
+    sigma_t = sqrt((1 - abar) / abar)."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -50,7 +51,8 @@ class EDMWithVPSigmas(EDMPreconditioned):
 
 
 class EDMUnweighted(EDMPreconditioned):
-    """EDM with lambda(sigma) = 1 / sigma_data^2: ||D - x0||^2 / sigma_data^2 = (c_out / sigma_data)^2 ||F - target||^2."""
+    """EDM with lambda(sigma) = 1 / sigma_data^2:
+    ||D - x0||^2 / sigma_data^2 = (c_out / sigma_data)^2 ||F - target||^2."""
 
     def loss(self, net, x0, y, noise, t, drop):
         _, c_out, _ = self.coefficients(t, x0.ndim)

@@ -153,7 +153,8 @@ def test_cifar_quality_bench_runs_on_cpu_quick(cifar_subset, tmp_path):
     # An EDM part trains and is scored through bench/edm_parts.py, on ours' probe: the same steps as ours.
     part = subprocess.run([*cmd, "--reuse", str(work), "--recipes", "edm-eps"], cwd=ROOT, env=python_env(),
                           capture_output=True, text=True, timeout=300)
-    assert part.returncode == 0 and "| edm-eps:" in part.stdout and "FAILED" not in part.stdout, part.stdout + part.stderr
+    assert part.returncode == 0, part.stdout + part.stderr
+    assert "| edm-eps:" in part.stdout and "FAILED" not in part.stdout, part.stdout
     assert not (work / "results" / "probe-edm-eps.json").exists()
     steps = {name: json.loads((work / "results" / f"train-{name}.json").read_text())["0.1"]["step"]
              for name in ("ours-seed0-0.05-0.1", "edm-eps-seed0-0.1")}
