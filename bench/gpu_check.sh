@@ -117,8 +117,10 @@ command_of() {
   local sizes tests=(tests/diffusion/test_compiled.py tests/data/test_datasets.py tests/evaluate/test_fidelity.py)
   case "$1" in
     data) cmd=("$PYTHON" -m jobs.prepare_data --dataset mnist --root "$data" --offline) ;;
-    # Only the CUDA tests: the CI guard that wants SLURM tests to pass does not apply to this selection.
-    cuda_tests) cmd=(env -u DDPM_REQUIRE_SLURM "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda "${tests[@]}") ;;
+    # Only the CUDA tests: the CI guard that wants SLURM tests to pass does not apply to this selection; in one
+    # process (-o addopts= drops setup.cfg's two pytest-xdist workers: the GPU image has no xdist).
+    cuda_tests) cmd=(env -u DDPM_REQUIRE_SLURM "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" -rs
+                     -k cuda "${tests[@]}") ;;
     train_1epoch)
       sizes=(train.epochs=1)
       [ -n "$quick" ] && sizes=(train.steps=4 model.hidden=8 sample.per_class=1 sample.sampler=ddim sample.steps=5 log.every=2)

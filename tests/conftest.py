@@ -272,12 +272,27 @@ def _slurm_guard_problem():
     return None
 
 
+def _is_worker(config) -> bool:
+    """A pytest-xdist worker (setup.cfg runs two): the guard judges in the controller, which sees every report."""
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    """Each worker's in-process torch gets its share of the cores, so two workers do not fight over them."""
+    if _is_worker(config):
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"])))
+
+
 def pytest_sessionfinish(session, exitstatus):
+    if _is_worker(session.config):
+        return
     if _slurm_guard_problem() and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    problem = _slurm_guard_problem()
+    problem = None if _is_worker(config) else _slurm_guard_problem()
     if problem:
         terminalreporter.write_line(f"error: {problem}", red=True, bold=True)
