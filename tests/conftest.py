@@ -262,8 +262,8 @@ def pytest_runtest_logreport(report):
         _slurm_report["passed"] += 1
 
 
-def _slurm_guard_problem():
-    if not REQUIRE_SLURM:
+def _slurm_guard_problem(config):
+    if not REQUIRE_SLURM or _is_worker(config):
         return None
     if _slurm_report["skipped"]:
         return "slurm tests were skipped, which DDPM_REQUIRE_SLURM=1 forbids:\n  " + "\n  ".join(_slurm_report["skipped"])
@@ -282,17 +282,15 @@ def pytest_configure(config):
     if _is_worker(config):
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"])))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(config.workerinput["workercount"])))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _is_worker(session.config):
-        return
-    if _slurm_guard_problem() and session.exitstatus == 0:
+    if _slurm_guard_problem(session.config) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    problem = None if _is_worker(config) else _slurm_guard_problem()
+    problem = _slurm_guard_problem(config)
     if problem:
         terminalreporter.write_line(f"error: {problem}", red=True, bold=True)
