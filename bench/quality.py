@@ -1,13 +1,16 @@
 """Sample quality per epoch and per second: the course recipe against configs/mnist.yaml, and the quick-start.
 
     python -m bench.quality [--device cpu|cuda] [--quick] [--epochs 1,3] [--which recipe,ours,quickstart]
-                            [--data-root data] [--classifier PATH] [--samples 300] [--keep DIR]
+                            [--data-root data] [--classifier PATH] [--judge PATH] [--samples 300] [--keep DIR]
+                            [--seed S] [--objective eps|edm]
 
 Rows, all measured in this run on this device:
 - recipe: ``python -m jobs.train --config configs/recipes/cs180_mnist.yaml`` (the CS180 course recipe:
   batch 128, Adam 1e-3, fp32, no EMA), trained for the largest of --epochs.
 - ours: ``python -m jobs.train --config configs/mnist.yaml`` (with its ``on_cpu`` section on a CPU), the
-  same number of epochs.
+  same number of epochs. ``--objective`` trains it with that objective instead of its config's (eps: the
+  config's linear schedule, T=300; edm: EDM's preconditioning, loss weight and noise levels), so that one
+  bench shows what the objective buys on MNIST.
   Both keep a checkpoint at every epoch boundary; each --epochs row evaluates that checkpoint. Wall time
   runs from process start (imports, data loading, compilation) to the moment the epoch's checkpoint was
   written; img/s = training images seen / that wall time.
@@ -21,6 +24,9 @@ Quality: every recipe/ours checkpoint is scored by the same command, ``python -m
 --checkpoint STEP --only grids,metrics --guidance 1,5 --sampler dpmpp_2m --steps 25 --metric-samples N
 --seed 0``, with one classifier (jobs.train_classifier): label accuracy at γ=1 and γ=5 and feature-FID at
 γ=5 (DPM-Solver++ fits every generative objective; docs/QUALITY.md shows that it matches DDIM-100 there).
+``--judge`` re-scores the γ=5 samples with a second classifier (another --seed of jobs.train_classifier), so
+that no verdict rests on one classifier. ``--seed`` is the training seed (train.seed) of recipe and ours;
+sampling always uses seed 0.
 Feature-FID shrinks with the number of samples, so compare rows with the same n only.
 --quick: D=8 nets, 2 steps per "epoch", 20 samples with 5 sampler steps: it checks that every path runs,
 its numbers mean nothing.
@@ -39,12 +45,17 @@ if __package__ in (None, ""):  # run as a file: python bench/quality.py
 
 import torch
 
-from bench import common
+from bench import common, scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"recipe": ROOT / "configs" / "recipes" / "cs180_mnist.yaml", "ours": ROOT / "configs" / "mnist.yaml"}
 MNIST_TRAIN_IMAGES = 60_000
 QUICK = ["model.hidden=8", "log.every=1"]
+# --objective: the ours row with this objective; both sample their end-of-run images the same way.
+OBJECTIVES = {"eps": ["diffusion.objective=eps", "diffusion.schedule=linear", "diffusion.T=300",
+                      "diffusion.beta_start=0.0001", "diffusion.beta_end=0.02"],
+              "edm": ["diffusion.objective=edm"]}
+SAME_SAMPLER = ["sample.sampler=dpmpp_2m", "sample.steps=25"]
 
 
 def run_job(cmd: list[str], log: Path) -> float:
@@ -65,7 +76,9 @@ def train(args, which: str, work: Path) -> tuple[Path, float, dict]:
     from ddpm.config import load_config
 
     base = [f"data.root={args.data_root}", f"train.device={args.device}", "log.progress=lines",
-            "log.tensorboard=false", *(QUICK if args.quick else [])]
+            "log.tensorboard=false", f"train.seed={args.seed}", *(QUICK if args.quick else [])]
+    if which == "ours" and args.objective:
+        base += [*OBJECTIVES[args.objective], *SAME_SAMPLER]
     cfg = load_config(CONFIGS[which], base)
     per_epoch = 2 if args.quick else MNIST_TRAIN_IMAGES // cfg.train.batch_size
     length = [f"train.steps={per_epoch * max(args.epochs)}"] if args.quick else [f"train.epochs={max(args.epochs)}"]
@@ -91,7 +104,9 @@ def evaluate(args, run_dir: Path, step: int, work: Path) -> dict:
     out = run_dir / "eval" / f"step_{step:09d}"
     m = json.loads((out / "metrics.json").read_text())
     rows = {r["scale"]: r for r in m["sections"]["guidance"]["rows"]}
-    return {"rows": rows, "grid": out / "samples_gamma_5.png"}
+    judged = scoring.score_group(args.judge, "mnist", args.data_root, run_dir / "samples.h5", rows[5.0]["group"]) \
+        if args.judge else {"accuracy": None, "feature_fid": None}
+    return {"rows": rows, "judge": judged, "grid": out / "samples_gamma_5.png"}
 
 
 def checkpoint_time(run_dir: Path, step: int) -> float:
@@ -155,6 +170,11 @@ def main() -> int:
     p.add_argument("--data-root", default="data", metavar="DIR", help="torchvision root holding MNIST/raw")
     p.add_argument("--classifier", metavar="PATH",
                    help="MNIST classifier of jobs.train_classifier (default: DATA_ROOT/classifiers/mnist_cnn.pt)")
+    p.add_argument("--judge", metavar="PATH", help="a second MNIST classifier (jobs.train_classifier --seed 1) that "
+                                                   "re-scores the γ=5 samples (default: none)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="training seed of recipe and ours (default: 0)")
+    p.add_argument("--objective", choices=tuple(OBJECTIVES),
+                   help="train ours with this objective instead of configs/mnist.yaml's (default: the config's)")
     p.add_argument("--samples", type=int, metavar="N", help="samples per guidance scale (default: 300; --quick 20)")
     p.add_argument("--keep", metavar="DIR", help="write the runs, logs and grids to DIR (new) and keep them")
     p.add_argument("--redraws", type=int, metavar="K", help="seeds of the quick-start's re-drawn samples besides "
@@ -183,13 +203,21 @@ def main() -> int:
     if not args.classifier.is_file():
         p.error(f"no MNIST classifier at {args.classifier}: train one with 'python -m jobs.train_classifier "
                 f"--dataset mnist --root {args.data_root}' or pass --classifier")
+    if args.judge:
+        args.judge = Path(args.judge).resolve()
+        if not args.judge.is_file():
+            p.error(f"--judge {args.judge}: no such file; train one with 'python -m jobs.train_classifier --dataset "
+                    f"mnist --root {args.data_root} --seed 1 --out PATH'")
     if args.keep and Path(args.keep).exists():
         p.error(f"--keep {args.keep} already exists; name a new directory")
 
     common.header("ddpm-hpc sample quality per epoch: the course recipe vs configs/mnist.yaml, and the quick-start",
                   argparse.Namespace(device=torch.device(args.device), quick=args.quick), None)
-    cols = ["row", "epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5", "n",
-            "grid γ=5"]
+    cols = ["row", "epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5",
+            "acc γ=5 (judge 2)", "feature-FID γ=5 (judge 2)", "n", "grid γ=5"]
+    label = {"recipe": f"recipe: {CONFIGS['recipe'].relative_to(ROOT)}",
+             "ours": f"ours: {CONFIGS['ours'].relative_to(ROOT)}"
+                     + (f" (objective {args.objective})" if args.objective else "")}
     lines, failed = [], False
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep).resolve() if args.keep else Path(tmp)
@@ -202,34 +230,34 @@ def main() -> int:
                     step = e * per_epoch
                     wall = checkpoint_time(run_dir, step) - t0
                     ev = evaluate(args, run_dir, step, work)
-                    r1, r5 = ev["rows"][1.0], ev["rows"][5.0]
-                    lines.append([f"{which}: {CONFIGS[which].relative_to(ROOT)}", e, f"{step} x {batch}",
-                                  f"{wall:.0f}", common.fmt_rate(step * batch / wall), fmt(r1["accuracy"]),
-                                  fmt(r5["accuracy"]), fmt(r5["feature_fid"], 1), r5["n"], shown(args, ev["grid"])])
+                    r1, r5, j = ev["rows"][1.0], ev["rows"][5.0], ev["judge"]
+                    lines.append([label[which], e, f"{step} x {batch}", f"{wall:.0f}",
+                                  common.fmt_rate(step * batch / wall), fmt(r1["accuracy"]), fmt(r5["accuracy"]),
+                                  fmt(r5["feature_fid"], 1), fmt(j["accuracy"]), fmt(j["feature_fid"], 1), r5["n"],
+                                  shown(args, ev["grid"])])
                     print(f"  done: {which}, {e} epoch(s): accuracy γ=5 {fmt(r5['accuracy'])}", flush=True)
             except Exception as e:  # one broken row must not hide the others
                 failed = True
-                lines.append([which, "-", "-", "-", "-", "-", "-", "-", "-", f"FAILED: {' '.join(str(e).split())[:200]}"])
+                lines.append([which, *["-"] * 10, f"FAILED: {' '.join(str(e).split())[:200]}"])
         if "quickstart" in args.which:
             try:
                 q = quickstart(args, work)
                 lines.append(["quickstart: python -m jobs.train", "-", q["config"], f"{q['wall']:.0f}",
                               common.fmt_rate(q["images"] / q["wall"]), "-", fmt(q["accuracy"]), fmt(q["fid"], 1),
-                              q["n"], shown(args, q["grid"])])
+                              "-", "-", q["n"], shown(args, q["grid"])])
                 r = q["redrawn"]
                 lines.append([f"quickstart re-drawn by jobs.evaluate ({len(r)} seeds): worst / mean", "-", "-", "-", "-",
-                              "-", f"{fmt(min(r))} / {fmt(sum(r) / len(r))}", "-", q["n"], "-"])
+                              "-", f"{fmt(min(r))} / {fmt(sum(r) / len(r))}", "-", "-", "-", q["n"], "-"])
                 print(f"  done: quickstart in {q['wall']:.0f} s: accuracy γ=5 {fmt(q['accuracy'])}, re-drawn "
                       f"{', '.join(fmt(a) for a in r)}", flush=True)
             except Exception as e:
                 failed = True
-                lines.append(["quickstart", "-", "-", "-", "-", "-", "-", "-", "-",
-                              f"FAILED: {' '.join(str(e).split())[:200]}"])
+                lines.append(["quickstart", *["-"] * 10, f"FAILED: {' '.join(str(e).split())[:200]}"])
         print()
         common.print_markdown(cols, lines)
         print("\nwall s: from process start to the epoch's checkpoint (quick-start: to exit, final samples included). "
               "Accuracy: fraction of samples the classifier assigns to the requested class; "
-              f"classifier {args.classifier}.")
+              f"classifier {args.classifier}" + (f"; judge 2 {args.judge}." if args.judge else "."))
         if args.keep:
             print(f"runs, logs and grids kept in {work}")
     return 1 if failed else 0

@@ -14,7 +14,8 @@ from conftest import ROOT, python_env
 COLUMNS = {"train_throughput": ("images/s", "vs baseline", "peak memory", "MFU"),
            "sampling": ("s/batch", "images/s", "vs baseline", "peak memory", "MFU"),
            "mnist_end_to_end": ("wall s", "images/s", "speed-up", "peak memory", "accuracy γ=5", "feature-FID γ=5"),
-           "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5"),
+           "quality": ("epochs", "steps x batch", "wall s", "img/s", "acc γ=1", "acc γ=5", "feature-FID γ=5",
+                       "acc γ=5 (judge 2)", "feature-FID γ=5 (judge 2)"),
            "cifar_quality": ("budget CPU min", "steps x batch", "CPU s at ckpt", "w", "n", "label accuracy", "feature-FID",
                              "vs DDPM", "accuracy (judge 2)", "feature-FID (judge 2)"),
            "sample_job": ("processes", "wall s", "samples/s (wall)", "rank 0 samples/s", "speed-up (wall)")}
@@ -34,14 +35,17 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
                              "--data-root", str(mnist_root), "--classifier", str(untrained_classifier),
                              "--keep", str(tmp_path / "e2e")],
         "quality": [sys.executable, "-m", "bench.quality", "--device", "cpu", "--quick", "--data-root", str(mnist_root),
-                    "--classifier", str(untrained_classifier), "--keep", str(tmp_path / "quality")],
+                    "--classifier", str(untrained_classifier), "--judge", str(untrained_classifier),
+                    "--seed", "1", "--objective", "eps", "--keep", str(tmp_path / "quality")],
     }
     # Side by side: each is one thread (python_env), and most of their time is importing torch.
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=python_env(DDPM_BENCH_RESULTS=tmp_path / f"{name}.jsonl"),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, cmd in commands.items()}
+    outs = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
+        outs[name] = out
         assert proc.returncode == 0, f"bench {name} failed:\n{out}"
         header = next((line for line in out.splitlines() if line.startswith("| ")), "")
         for column in COLUMNS[name]:
@@ -64,6 +68,17 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         for step in steps:
             assert (tmp_path / "quality" / run / "eval" / f"step_{step:09d}" / "samples_gamma_5.png").is_file()
     assert (tmp_path / "quality" / "quickstart" / "samples" / "step_000000004_gamma_5.png").is_file()
+    config = {run: json.loads((tmp_path / "quality" / run / "config.json").read_text()) for run in ("recipe", "ours")}
+    assert config["recipe"]["train"]["seed"] == config["ours"]["train"]["seed"] == 1  # --seed: the training seed
+    assert (config["ours"]["diffusion"]["objective"], config["ours"]["diffusion"]["T"]) == ("eps", 300)  # --objective
+    # The second judge re-scores the archived γ=5 samples: the same classifier as judge 1 gives the same scores.
+    table = [line for line in outs["quality"].splitlines() if line.startswith("| ")]
+    cols = [c.strip() for c in table[0][2:-2].split(" | ")]
+    scored = [line for line in table[1:] if line.startswith(("| recipe", "| ours"))]
+    assert len(scored) == 4 and "| ours: configs/mnist.yaml (objective eps)" in outs["quality"], outs["quality"]
+    for line in scored:
+        cell = dict(zip(cols, (c.strip() for c in line[2:-2].split(" | "))))
+        assert cell["acc γ=5 (judge 2)"] == cell["acc γ=5"] and cell["feature-FID γ=5 (judge 2)"] == cell["feature-FID γ=5"]
     # The sampler table on one of those checkpoints: every row evaluated, scored by two judges.
     r = subprocess.run([sys.executable, "-m", "bench.sampler_table", str(tmp_path / "quality" / "ours"), "--guidance", "5",
                         "--convention", "gamma", "--samples", "10", "--seeds", "0", "--rows", "dpmpp_2m:3,ddim:3",
