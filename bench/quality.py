@@ -116,9 +116,6 @@ def checkpoint_time(run_dir: Path, step: int) -> float:
 
 def quickstart(args, work: Path) -> dict:
     """The embedded quick-start as a user runs it; quality of its own final γ=5 samples."""
-    import numpy as np
-
-    from ddpm.evaluate import feature_cnn, metrics
     from ddpm.run import samples as archive
 
     run_dir = work / "quickstart"
@@ -128,10 +125,7 @@ def quickstart(args, work: Path) -> dict:
     wall = time.time() - t0
     groups = [g for g in archive.list_groups(run_dir / "samples.h5") if g.endswith("/gamma_5")]
     images, labels, _ = archive.read_samples(run_dir / "samples.h5", groups[-1])
-    device = torch.device(args.device)
-    net, _ = feature_cnn.load_classifier(args.classifier, "mnist", device)
-    reference = feature_cnn.reference_stats(args.classifier, net, "mnist", args.data_root, device)
-    logits, feats = feature_cnn.classify(net, torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), device)
+    own = scoring.score_images(args.classifier, "mnist", args.data_root, images, labels, args.device)
     cfg = json.loads((run_dir / "config.json").read_text())
     steps = int(groups[-1].split("/")[1][len("step_"):])
     grid = sorted((run_dir / "samples").glob(f"step_{steps:09d}_gamma_5.png"))
@@ -144,8 +138,7 @@ def quickstart(args, work: Path) -> dict:
         m = json.loads((run_dir / "eval" / f"step_{steps:09d}" / "metrics.json").read_text())
         redrawn.append(m["sections"]["guidance"]["rows"][0]["accuracy"])
     return {"wall": wall, "images": steps * cfg["train"]["batch_size"], "n": len(images), "redrawn": redrawn,
-            "accuracy": metrics.accuracy(logits, torch.from_numpy(labels)),
-            "fid": metrics.frechet_distance(*metrics.feature_stats(feats.numpy()), *reference),
+            "accuracy": own["accuracy"], "fid": own["feature_fid"],
             "config": f"D={cfg['model']['hidden']} b{cfg['train']['batch_size']}, {steps} steps, "
                       f"{cfg['sample']['sampler']} {cfg['sample']['steps']}", "grid": grid[0] if grid else None}
 

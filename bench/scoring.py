@@ -11,14 +11,15 @@ import numpy as np
 import torch
 
 
-def score_images(classifier: Path, dataset: str, data_root: str, images: np.ndarray, labels) -> dict:
+def score_images(classifier: Path, dataset: str, data_root: str, images: np.ndarray, labels,
+                 device: str = "cpu") -> dict:
     """images: uint8 (N, H, W, C); labels: (N,) requested classes or None → {accuracy, feature_fid, n}."""
     from ddpm.evaluate import feature_cnn, metrics
 
-    net, _ = feature_cnn.load_classifier(classifier, dataset, "cpu")
-    reference = feature_cnn.reference_stats(classifier, net, dataset, data_root, "cpu")
+    net, _ = feature_cnn.load_classifier(classifier, dataset, device)
+    reference = feature_cnn.reference_stats(classifier, net, dataset, data_root, device)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    logits, feats = feature_cnn.classify(net, x, "cpu")
+    logits, feats = feature_cnn.classify(net, x, device)
     acc = None if labels is None else metrics.accuracy(logits, torch.as_tensor(np.asarray(labels)))
     return {"accuracy": acc, "feature_fid": metrics.frechet_distance(*metrics.feature_stats(feats.numpy()), *reference),
             "n": len(images)}

@@ -26,6 +26,11 @@ STREAMED = {"train_throughput": "training throughput", "sampling": "sampling spe
             "mnist_end_to_end": "MNIST end to end"}  # bench → the title of its streamed table
 
 
+def cells(line: str) -> list[str]:
+    """The cells of one markdown table row, stripped."""
+    return [c.strip() for c in line[2:-2].split(" | ")]
+
+
 def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path):
     commands = {
         "train_throughput": [sys.executable, "bench/train_throughput.py", "--device", "cpu", "--quick",
@@ -57,7 +62,7 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
         assert {(r["bench"], r["table"]) for r in rows} == ({(name, STREAMED[name])} if name in STREAMED else set())
         if rows:
             final = [line for line in out.splitlines() if line.startswith("| ")][-len(rows):]
-            assert [[c.strip() for c in line[2:-2].split(" | ")] for line in final] == [r["cells"] for r in rows]
+            assert [cells(line) for line in final] == [r["cells"] for r in rows]
     # The end-to-end runs are real run dirs, evaluated by the evaluation job.
     for run in ("course", "ours"):
         assert list((tmp_path / "e2e" / run).glob("eval/step_*/metrics.json")), run
@@ -73,11 +78,11 @@ def test_benchmarks_run_on_cpu_quick(mnist_root, untrained_classifier, tmp_path)
     assert (config["ours"]["diffusion"]["objective"], config["ours"]["diffusion"]["T"]) == ("eps", 300)  # --objective
     # The second judge re-scores the archived γ=5 samples: the same classifier as judge 1 gives the same scores.
     table = [line for line in outs["quality"].splitlines() if line.startswith("| ")]
-    cols = [c.strip() for c in table[0][2:-2].split(" | ")]
+    cols = cells(table[0])
     scored = [line for line in table[1:] if line.startswith(("| recipe", "| ours"))]
     assert len(scored) == 4 and "| ours: configs/mnist.yaml (objective eps)" in outs["quality"], outs["quality"]
     for line in scored:
-        cell = dict(zip(cols, (c.strip() for c in line[2:-2].split(" | "))))
+        cell = dict(zip(cols, cells(line)))
         assert cell["acc γ=5 (judge 2)"] == cell["acc γ=5"] and cell["feature-FID γ=5 (judge 2)"] == cell["feature-FID γ=5"]
     # The sampler table on one of those checkpoints: every row evaluated, scored by two judges.
     r = subprocess.run([sys.executable, "-m", "bench.sampler_table", str(tmp_path / "quality" / "ours"), "--guidance", "5",
