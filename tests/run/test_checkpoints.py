@@ -381,8 +381,8 @@ def test_sigkill_at_random_moments_leaves_a_verified_checkpoint(tmp_path):
     for s in range(3):
         scratch.save(s, {"x": payload})
     save_s = (time.perf_counter() - t0) / 3  # fsync-bound: ~5 ms on a laptop SSD, 50 ms on a busy VM
-    last_saved, kills = None, []
-    for _ in range(8):
+    last_saved, kills, rounds = None, [], 8
+    for round_ in range(rounds):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: never return into pytest
@@ -405,15 +405,23 @@ def test_sigkill_at_random_moments_leaves_a_verified_checkpoint(tmp_path):
             finally:
                 os._exit(code)
         os.close(w)
+        out = b""
         try:
             assert select.select([r], [], [], 60)[0], "child did not start"
+            # save_s is measured here; on a loaded machine the child's saves can take several times longer, and
+            # every kill may land before its first save completes. The last round then kills only after one
+            # has, so that at least one round checks a completed save.
+            while round_ == rounds - 1 and last_saved is None and b"saved" not in out:
+                assert select.select([r], [], [], 60)[0], f"child saved nothing in 60 s: {out!r}"
+                chunk = os.read(r, 65536)
+                assert chunk, f"child exited: {out!r}"
+                out += chunk
             delay = rng.uniform(0.0, 4 * save_s)
             kills.append(delay)
             select.select([], [], [], delay)
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        out = b""
         while chunk := os.read(r, 65536):
             out += chunk
         os.close(r)
