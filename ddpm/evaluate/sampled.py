@@ -28,6 +28,7 @@ from ddpm.run.samples import read_samples, write_samples
 from ddpm.run.shards import GROUP
 
 CHUNK = 1000                  # images per sampler call (bounded memory)
+PROGRESS_S = 60.0             # a guidance scale that samples longer than this reports its progress this often
 MAX_PROGRESSION = 8           # checkpoints shown in the progression figure
 MAX_GIF_FRAMES = 40
 STATIC_COLUMNS = 8            # trajectory snapshots in the static denoising figures
@@ -86,6 +87,25 @@ def fmt(v) -> str:
 
 # ---- generative runs -----------------------------------------------------------------------------
 
+def step_progress(log, name: str, total: int):
+    """A sampler callback for ``total`` sampler steps in all (over every chunk) that logs '  NAME: step k/total
+    · E s · about R s left' at most once per PROGRESS_S seconds: a CPU evaluation can spend half an hour on one
+    guidance scale, a GPU one is done before it speaks."""
+    start = last = time.perf_counter()
+    every = PROGRESS_S
+    done = 0
+
+    def callback(k, t, x, x0):
+        nonlocal last, done
+        done += 1
+        now = time.perf_counter()
+        if now - last >= every and done < total:
+            last = now
+            log(f"  {name}: step {done}/{total} · {now - start:.0f} s · about "
+                f"{(now - start) * (total - done) / done:.0f} s left")
+    return callback
+
+
 def guidance_part(ev, out, log, done=None) -> dict:
     """Samples per guidance scale → archive groups, per-scale grids, the guidance grid, scores."""
     run, ch = ev.run, ev.sampling
@@ -97,10 +117,11 @@ def guidance_part(ev, out, log, done=None) -> dict:
     draw = "grids" in ev.parts
     for scale in ch.scales:
         spec = ch.at(scale)
-        t0 = time.perf_counter()
-        u8 = run.to_u8(sample(ev, run.net, spec, labels, n))
-        wall = time.perf_counter() - t0
         name = f"{ch.convention}_{scale:g}" if cond else "uncond"
+        t0 = time.perf_counter()
+        progress = step_progress(log, name, spec.steps * math.ceil(n / CHUNK))
+        u8 = run.to_u8(sample(ev, run.net, spec, labels, n, callback=progress))
+        wall = time.perf_counter() - t0
         group = f"{ev.group_prefix}/{name}"
         stored = labels.numpy() if labels is not None else np.full(n, -1)
         write_samples(h5, group, u8, stored, dict(

@@ -358,6 +358,29 @@ def test_ddim_eta_is_carried_into_the_samples_and_every_record(tmp_path, config_
         assert f["eval/step_000000005/gamma_3"].attrs["eta"] == "none"
 
 
+def test_a_long_guidance_scale_reports_its_progress_without_changing_its_samples(tmp_path, config_path, capsys,
+                                                                                 monkeypatch):
+    """Sampling one scale can take half an hour on a CPU: the log says how far it is (here: every step, with
+    PROGRESS_S = 0), and the samples are the same as without the reports (DDPM computes x0 for a callback)."""
+    from ddpm.evaluate import sampled
+    run_dir = _fake_run(tmp_path, config_path, "progress", ["diffusion.T=6"])
+    args = [str(run_dir), "--only", "grids", "--guidance", "3", "--sampler", "ddpm", "--device", "cpu",
+            "--metric-samples", "10"]
+
+    def images():
+        with h5py.File(run_dir / "samples.h5", "r") as f:
+            return f["eval/step_000000005/gamma_3"]["images"][()]
+    assert evaluate(args) == 0
+    quiet = images()
+    assert ": step " not in capsys.readouterr().out
+    monkeypatch.setattr(sampled, "PROGRESS_S", 0.0)
+    assert evaluate(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": step " in line]
+    assert [line.split(" · ")[0] for line in lines] == [f"  gamma_3: step {k}/6" for k in range(1, 6)], lines
+    assert all(line.endswith(" s left") for line in lines), lines
+    assert np.array_equal(images(), quiet)
+
+
 # ---- bad inputs: one line, exit 2, nothing written -----------------------------------------------
 
 def _snapshot(path):
